@@ -1,0 +1,35 @@
+// Entry point of one ISA build of fastgpt's CPU kernels (fastgpt/_C_{default,avx2,avx512}.so).
+//
+// The op schemas are defined once, in Python (fastgpt/ops/<op>.py), next to their fake and CUDA
+// implementations. Each ISA build only provides CPU kernels. Python loads the build the CPU
+// supports (or the one FASTGPT_CPU_ISA forces) and calls fastgpt_register_cpu_kernels(); the
+// returned handle owns the registrations, so fastgpt_unregister_cpu_kernels() removes them again.
+// That lets the tests switch between ISA builds inside one process.
+#include "common.h"
+
+#define FASTGPT_STR2(x) #x
+#define FASTGPT_STR(x) FASTGPT_STR2(x)
+
+extern "C" {
+
+__attribute__((visibility("default"))) void* fastgpt_register_cpu_kernels() {
+  auto* lib = new torch::Library(torch::Library::IMPL, "fastgpt", c10::DispatchKey::CPU,
+                                 __FILE__, __LINE__);
+  fastgpt::register_layer_norm(*lib);
+  return lib;
+}
+
+__attribute__((visibility("default"))) void fastgpt_unregister_cpu_kernels(void* handle) {
+  delete static_cast<torch::Library*>(handle);
+}
+
+// The ISA this build was compiled for and the float vector width it uses, for tests and bench.
+__attribute__((visibility("default"))) const char* fastgpt_cpu_isa() {
+  return FASTGPT_STR(CPU_CAPABILITY);
+}
+
+__attribute__((visibility("default"))) int fastgpt_float_lanes() {
+  return static_cast<int>(at::vec::Vectorized<float>::size());
+}
+
+}  // extern "C"

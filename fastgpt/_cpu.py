@@ -1,0 +1,119 @@
+"""Loading fastgpt's C++ CPU kernels.
+
+setup.py compiles the kernels once per instruction set into fastgpt/_C_default, _C_avx2 and
+_C_avx512. The best build the running CPU supports (as torch itself detects it) is loaded at the
+first CPU-kernel call; ``FASTGPT_CPU_ISA=default|avx2|avx512`` forces a lower one. Each build
+registers its kernels for the CPU dispatch key and can unregister them again, so
+``use_isa(name)`` switches builds inside one process (the tests run every op on every build).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import torch
+
+ISAS = ("default", "avx2", "avx512")  # lowest first
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_libs: dict[str, ctypes.CDLL] = {}
+_active: tuple[str, int] | None = None  # (isa, registration handle)
+
+
+def _path(isa: str) -> str | None:
+    found = glob.glob(os.path.join(_HERE, f"_C_{isa}.*.so")) + glob.glob(
+        os.path.join(_HERE, f"_C_{isa}.so")
+    )
+    return found[0] if found else None
+
+
+def supported_isas() -> list[str]:
+    """ISA builds that are present and that this CPU can run, lowest first."""
+    best = torch.backends.cpu.get_cpu_capability().lower()  # "default", "avx2", "avx512", ...
+    top = ISAS.index(best) if best in ISAS else 0
+    return [isa for isa in ISAS[: top + 1] if _path(isa)]
+
+
+def default_isa() -> str:
+    isas = supported_isas()
+    if not isas:
+        raise RuntimeError(
+            "fastgpt's C++ CPU kernels are not built. From the fastgpt source folder run:\n"
+            "    pip install torch==2.13.0 && pip install --no-build-isolation -e .\n"
+            "or force the plain-PyTorch path with FASTGPT_BACKEND=reference."
+        )
+    forced = os.environ.get("FASTGPT_CPU_ISA")
+    if forced:
+        if forced not in isas:
+            raise RuntimeError(f"FASTGPT_CPU_ISA={forced!r}: this CPU and build support {isas}")
+        return forced
+    return isas[-1]
+
+
+def _lib(isa: str) -> ctypes.CDLL:
+    if isa not in _libs:
+        path = _path(isa)
+        if path is None:
+            raise RuntimeError(f"fastgpt's {isa} CPU build is missing; rebuild fastgpt")
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+        lib.fastgpt_register_cpu_kernels.restype = ctypes.c_void_p
+        lib.fastgpt_unregister_cpu_kernels.argtypes = [ctypes.c_void_p]
+        lib.fastgpt_cpu_isa.restype = ctypes.c_char_p
+        _libs[isa] = lib
+    return _libs[isa]
+
+
+def load(isa: str) -> None:
+    """Register the CPU kernels of build ``isa``, replacing whichever build was registered."""
+    global _active
+    if isa not in supported_isas():
+        raise RuntimeError(f"ISA build {isa!r} is not available here: {supported_isas()}")
+    if _active is not None and _active[0] == isa:
+        return
+    lib = _lib(isa)
+    if _active is not None:
+        _lib(_active[0]).fastgpt_unregister_cpu_kernels(_active[1])
+        _active = None
+    _active = (isa, lib.fastgpt_register_cpu_kernels())
+
+
+def ensure_loaded() -> None:
+    if _active is None:
+        load(default_isa())
+
+
+def loaded() -> bool:
+    return _active is not None
+
+
+def try_load() -> None:
+    """Register the best build at import time, so the kernels are in place before any call
+    (and before torch.compile traces one); a missing build is reported at first use instead."""
+    with suppress(RuntimeError):
+        ensure_loaded()
+
+
+def current_isa() -> str:
+    ensure_loaded()
+    assert _active is not None
+    return _active[0]
+
+
+def float_lanes() -> int:
+    """fp32 lanes of the active build's at::vec::Vectorized<float> (16 on AVX-512)."""
+    return _lib(current_isa()).fastgpt_float_lanes()
+
+
+@contextmanager
+def use_isa(isa: str) -> Iterator[None]:
+    """Run the block on the CPU kernels of build ``isa``."""
+    previous = _active[0] if _active else None
+    load(isa)
+    try:
+        yield
+    finally:
+        if previous:
+            load(previous)

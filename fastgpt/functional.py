@@ -1,0 +1,112 @@
+"""Twins of ``torch.nn.functional``: same names, signatures and behaviour, fused kernels inside.
+
+Each function checks its arguments the way torch does, decides whether a fast kernel covers the
+call (device, dtype, arguments), and otherwise runs ``fastgpt.reference``: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fastgpt import _backend, reference
+from fastgpt.ops.layer_norm import LayerNormFunction
+
+__all__ = ["layer_norm", "add_layer_norm"]
+
+
+def _normalized_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
+
+
+def _unsupported(backend: str, tensors: Sequence[torch.Tensor | None], x: torch.Tensor) -> str:
+    """Why the kernels of ``backend`` cannot take this call ('' when they can)."""
+    if backend == "reference":
+        return "backend 'reference' selected"
+    if x.dtype not in _backend.KERNEL_DTYPES[backend]:
+        return f"dtype {x.dtype} has no {backend} kernel"
+    for t in tensors:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            return "arguments of mixed dtype or device"
+    return ""
+
+
+def _check_layer_norm_args(name, input, normalized_shape, weight, bias, residual=None):
+    shape = _normalized_shape(normalized_shape)
+    if len(shape) == 0 or tuple(input.shape[input.dim() - len(shape) :]) != shape:
+        raise RuntimeError(
+            f"{name}: normalized_shape {list(shape)} does not match the trailing dims of the "
+            f"input of shape {list(input.shape)}"
+        )
+    for pname, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != shape:
+            raise RuntimeError(
+                f"{name}: {pname} of shape {list(p.shape)} must have the normalized_shape "
+                f"{list(shape)}"
+            )
+    if residual is not None and residual.shape != input.shape:
+        raise RuntimeError(
+            f"{name}: residual of shape {list(residual.shape)} must match the input of shape "
+            f"{list(input.shape)}"
+        )
+    return shape
+
+
+def _layer_norm(name, input, residual, shape, weight, bias, eps):
+    """Run the kernel on (rows, prod(normalized_shape)) views; None if the reference must."""
+    backend = _backend.backend_for(input)
+    why = _unsupported(backend, (residual, weight, bias), input)
+    n = math.prod(shape)
+    if not why and n == 0:
+        why = "empty normalized_shape"
+    if why:
+        _backend.fallback(name, why)
+        return None
+    x2 = input.reshape(-1, n).contiguous()
+    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
+    w = None if weight is None else weight.reshape(n).contiguous()
+    b = None if bias is None else bias.reshape(n).contiguous()
+    out = LayerNormFunction.apply(x2, r2, w, b, float(eps), backend)
+    if residual is None:
+        return out.view(input.shape)
+    y, summed = out
+    return y.view(input.shape), summed.view(input.shape)
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``torch.nn.functional.layer_norm`` with a fused forward and a one-pass backward."""
+    shape = _check_layer_norm_args("layer_norm", input, normalized_shape, weight, bias)
+    out = _layer_norm("layer_norm", input, None, shape, weight, bias, eps)
+    if out is None:
+        return reference.layer_norm(input, shape, weight, bias, eps)
+    return out
+
+
+def add_layer_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(layer_norm(input + residual), input + residual)`` in one pass over memory.
+
+    The pre-LN transformer block's pattern: ``h = h + attn(...)`` followed by ``ln(h)``. The sum
+    is rounded to the input dtype before it is normalised, exactly as the eager pair does.
+    """
+    shape = _check_layer_norm_args(
+        "add_layer_norm", input, normalized_shape, weight, bias, residual
+    )
+    out = _layer_norm("add_layer_norm", input, residual, shape, weight, bias, eps)
+    if out is None:
+        return reference.add_layer_norm(input, residual, shape, weight, bias, eps)
+    return out

@@ -1,0 +1,52 @@
+"""Shared test setup.
+
+Triton's interpreter must be switched on before triton is first imported, so it happens here,
+before any test module loads: the "triton" backend then runs the Triton kernels on CPU tensors.
+On a GPU machine, FASTGPT_TEST_GPU=1 leaves Triton compiling for the device instead.
+"""
+
+import os
+
+if os.environ.get("FASTGPT_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastgpt  # noqa: E402
+from fastgpt import _cpu  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+# Every backend the tests hold against torch: the reference, the C++ kernels on every ISA build
+# this CPU can run, and the Triton kernels under the interpreter.
+CPU_BACKENDS = [f"cpu-{isa}" for isa in _cpu.supported_isas()]
+BACKENDS = ["reference", *CPU_BACKENDS] + (["triton"] if HAS_TRITON else [])
+
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+}
+
+
+def run_on(backend: str):
+    """Context manager running fastgpt ops on ``backend`` ("cpu-avx2" = C++ kernels, AVX2 build)."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    if backend.startswith("cpu-"):
+        stack.enter_context(fastgpt.use_backend("cpu"))
+        stack.enter_context(_cpu.use_isa(backend[4:]))
+    else:
+        stack.enter_context(fastgpt.use_backend(backend))
+    return stack
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with run_on(request.param):
+        yield request.param

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace fastgpt {
 
@@ -89,7 +90,13 @@ inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* op,
               name_a, " has shape ", a.sizes());
 }
 
-// One registration function per op file; register.cpp calls them all.
-void register_layer_norm(torch::Library& m);
+// Each op file registers its CPU kernels by defining, at namespace scope,
+//   static const fastgpt::OpRegistrar registrar(&register_my_op);
+// register.cpp then calls every collected function; no shared list needs editing per op.
+using RegisterFn = void (*)(torch::Library&);
+std::vector<RegisterFn>& op_registrars();
+struct OpRegistrar {
+  explicit OpRegistrar(RegisterFn fn) { op_registrars().push_back(fn); }
+};
 
 }  // namespace fastgpt

@@ -385,12 +385,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   return {dx, dweight, dbias};
 }
 
-}  // namespace
-
 void register_layer_norm(torch::Library& m) {
   m.impl("layer_norm_fwd", TORCH_FN(layer_norm_fwd));
   m.impl("add_layer_norm_fwd", TORCH_FN(add_layer_norm_fwd));
   m.impl("layer_norm_bwd", TORCH_FN(layer_norm_bwd));
 }
+
+const OpRegistrar registrar(&register_layer_norm);
+
+}  // namespace
 
 }  // namespace fastgpt

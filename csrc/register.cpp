@@ -10,12 +10,19 @@
 #define FASTGPT_STR2(x) #x
 #define FASTGPT_STR(x) FASTGPT_STR2(x)
 
+namespace fastgpt {
+std::vector<RegisterFn>& op_registrars() {
+  static std::vector<RegisterFn> fns;  // function-local: safe across static-init order
+  return fns;
+}
+}  // namespace fastgpt
+
 extern "C" {
 
 __attribute__((visibility("default"))) void* fastgpt_register_cpu_kernels() {
   auto* lib = new torch::Library(torch::Library::IMPL, "fastgpt", c10::DispatchKey::CPU,
                                  __FILE__, __LINE__);
-  fastgpt::register_layer_norm(*lib);
+  for (auto fn : fastgpt::op_registrars()) fn(*lib);
   return lib;
 }
 

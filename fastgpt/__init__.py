@@ -4,12 +4,18 @@ import fastgpt.functional as F      # twins of torch.nn.functional
 import fastgpt.nn                   # twins of torch.nn modules
 """
 
-from fastgpt import _cpu
-from fastgpt import ops as _ops  # noqa: F401
-from fastgpt._backend import BACKENDS, use_backend
-from fastgpt.ops import layer_norm as _layer_norm_op  # noqa: F401  (defines the custom ops)
+import importlib as _importlib
+import pkgutil as _pkgutil
 
-from . import functional, nn, reference  # noqa: E402
+from fastgpt import _cpu, ops
+from fastgpt._backend import BACKENDS, use_backend
+
+# Importing each fastgpt/ops/<op>.py defines that op's custom-op schemas.
+for _m in _pkgutil.iter_modules(ops.__path__):
+    if not _m.name.startswith("_"):
+        _importlib.import_module(f"fastgpt.ops.{_m.name}")
+
+from fastgpt import functional, nn, reference  # noqa: E402
 
 _cpu.try_load()  # register the C++ CPU kernels now that their schemas exist
 

@@ -14,7 +14,15 @@ import torch
 from fastgpt import _backend, reference
 from fastgpt.ops.layer_norm import LayerNormFunction
 
-__all__ = ["layer_norm", "add_layer_norm"]
+__all__ = [
+    "layer_norm",
+    "add_layer_norm",
+    "gelu",
+    "bias_gelu",
+    "scaled_dot_product_attention",
+    "cross_entropy",
+    "linear_cross_entropy",
+]
 
 
 def _normalized_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -110,3 +118,76 @@ def add_layer_norm(
     if out is None:
         return reference.add_layer_norm(input, residual, shape, weight, bias, eps)
     return out
+
+
+# ---- GELU (kernel path: fastgpt/ops/gelu.py) --------------------------------------------------
+
+
+def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``torch.nn.functional.gelu``: "none" (erf) or "tanh"."""
+    return reference.gelu(input, approximate)
+
+
+def bias_gelu(input: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """``gelu(input + bias)`` in one pass; the backward also gives the bias gradient."""
+    return reference.bias_gelu(input, bias, approximate)
+
+
+# ---- attention (kernel path: fastgpt/ops/attention.py) ----------------------------------------
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` on (..., T, D) tensors.
+
+    ``is_causal`` with Tq != Tk is bottom-right aligned, as flash-attention does.
+    """
+    return reference.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale
+    )
+
+
+# ---- cross-entropy (kernel paths: fastgpt/ops/cross_entropy.py, linear_cross_entropy.py) ------
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``torch.nn.functional.cross_entropy``."""
+    return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``torch.nn.functional.linear_cross_entropy`` (torch 2.13's signature)."""
+    return reference.linear_cross_entropy(
+        input,
+        linear_weight,
+        target,
+        linear_bias=linear_bias,
+        weight=weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )

@@ -8,7 +8,7 @@ import torch
 
 from fastgpt import functional as F
 
-__all__ = ["LayerNorm"]
+__all__ = ["LayerNorm", "GELU", "CrossEntropyLoss"]
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -23,4 +23,25 @@ class LayerNorm(torch.nn.LayerNorm):
         """``(self(input + residual), input + residual)`` in one fused pass."""
         return F.add_layer_norm(
             input, residual, self.normalized_shape, self.weight, self.bias, self.eps
+        )
+
+
+class GELU(torch.nn.GELU):
+    """``torch.nn.GELU`` running fastgpt's kernels."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.gelu(input, approximate=self.approximate)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` running fastgpt's kernels."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
         )

@@ -1,0 +1,89 @@
+"""Measuring peak memory and time honestly on CPU and CUDA.
+
+torch has no allocator statistics for CPU tensors, so peak CPU memory is read from the kernel:
+``VmHWM`` (the resident-set high-water mark) in /proc/self/status, after resetting it to the
+current resident size by writing "5" to /proc/self/clear_refs. Two things could hide
+allocations from it, and both are handled:
+
+* glibc keeps freed memory for reuse, so a call could reuse pages freed by an earlier one and
+  show no growth: ``malloc_trim(0)`` hands every free page back to the OS before the call.
+* ``ru_maxrss`` is inherited across fork/exec, so it is never used.
+
+``peak_bytes(fn)`` is then the call's peak resident memory above what was resident before it:
+its outputs plus every temporary, page-touched. tests/test_profiling.py checks it sees a known
+allocation. Timing is left with glibc's default behaviour (freed memory reused), as users run.
+On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _trim_malloc() -> None:
+    """Return glibc's free pages to the OS so that later allocations must fault pages in."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def cpu_peak_supported() -> bool:
+    return os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)
+
+
+def peak_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak memory of one call of ``fn`` above what was in use before it, in bytes."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak
+    _trim_malloc()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    out = fn()
+    peak = _status_kib("VmHWM") - base
+    del out
+    return max(0, peak) * 1024
+
+
+def time_call(fn: Callable[[], object], device: str = "cpu", repeat: int = 5, warmup: int = 2):
+    """Median seconds of ``repeat`` calls after ``warmup`` calls (synchronising on CUDA)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def allocator_settings() -> str:
+    """The allocator settings every contender of a run shares, for the report."""
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    return f"THP_MEM_ALLOC_ENABLE={thp}, glibc malloc defaults"

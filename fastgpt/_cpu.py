@@ -18,7 +18,8 @@ from contextlib import contextmanager, suppress
 import torch
 
 ISAS = ("default", "avx2", "avx512")  # lowest first
-_HERE = os.path.dirname(os.path.abspath(__file__))
+# FASTGPT_EXT_DIR: load the builds from another folder (the ASan build of scripts/asan.sh).
+_HERE = os.environ.get("FASTGPT_EXT_DIR") or os.path.dirname(os.path.abspath(__file__))
 _libs: dict[str, ctypes.CDLL] = {}
 _active: tuple[str, int] | None = None  # (isa, registration handle)
 

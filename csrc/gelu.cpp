@@ -24,7 +24,7 @@
 // float64 (gradcheck) uses the exact exp/erfc of at::vec instead.
 //
 // Derivatives (s(1 - s) = T(1 - T) for the sigmoid, as sigmoid is symmetric):
-//   tanh:  dy/dx = P + 2 x T (1 - T) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+//   tanh:  dy/dx = P + 2 x T (1 - T) sqrt(2/pi) (1 + 3 * 0.044715 x^2)   (x clamped to +-20)
 //   erf:   dy/dx = P + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 #include "common.h"
 
@@ -98,8 +98,11 @@ struct GeluMath {
     const Vec t = tail<A>(x);
     const Vec p = cdf(x, t);
     if constexpr (A == Approx::kTanh) {
-      const Vec du = at::vec::fmadd(x * x, Vec(3 * kBeta * kKappa), Vec(kBeta));  // du/dx
-      return at::vec::fmadd(x * Vec(acc(2)) * t * (Vec(acc(1)) - t), du, p);
+      // Beyond |x| = 20 the tail t is exactly 0 (exp underflows), and so is this term; clamping
+      // x there keeps x^2 from overflowing into 0 * inf = nan (NaN itself still propagates).
+      const Vec xc = at::vec::minimum(at::vec::maximum(x, Vec(acc(-20))), Vec(acc(20)));
+      const Vec du = at::vec::fmadd(xc * xc, Vec(3 * kBeta * kKappa), Vec(kBeta));  // du/dx
+      return at::vec::fmadd(xc * Vec(acc(2)) * t * (Vec(acc(1)) - t), du, p);
     } else {
       const Vec phi = exp_neg(x * x * Vec(acc(-0.5))) * Vec(kInvSqrt2Pi);
       return at::vec::fmadd(x, phi, p);

@@ -61,8 +61,11 @@ def _cdf(x, TANH: tl.constexpr):
 def _gelu_grad(x, TANH: tl.constexpr):
     p, t = _cdf(x, TANH)
     if TANH:
-        du = _BETA + (3.0 * _BETA * _KAPPA) * x * x
-        return p + 2.0 * x * t * (1.0 - t) * du
+        # Past |x| = 20, t is exactly 0 and so is this term: the clamp keeps x^2 finite there
+        # (0 * inf would be nan).
+        xc = tl.minimum(tl.maximum(x, -20.0), 20.0)
+        du = _BETA + (3.0 * _BETA * _KAPPA) * xc * xc
+        return p + 2.0 * xc * t * (1.0 - t) * du
     else:
         return p + x * (tl.exp(-0.5 * x * x) * _INV_SQRT_2PI)
 

@@ -37,10 +37,11 @@ _SUM_BLOCK_ROWS = 64
 _SUM_BLOCK_COLS = 32
 _SUM_NUM_WARPS = 4
 
-_BETA = 0.7978845608028654  # sqrt(2 / pi)
-_KAPPA = 0.044715
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Globals read inside @triton.jit functions must be constexpr.
+_BETA = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+_KAPPA = tl.constexpr(0.044715)
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

@@ -6,8 +6,8 @@
 Groups are `<op>-<shape>-<dtype>-<mode>`; contenders `fastgpt`, `eager`, `compile`. The eager
 bias_gelu is the pair `x + b` then `F.gelu`. Forward+backward uses `torch.autograd.grad`, so no
 `.grad` accumulation is timed. At 8192x3072 fp32 every output is a fresh 100 MB allocation whose
-first touch page-faults (see DESIGN.md 4): fastgpt allocates one tensor per direction (y; dx), the
-eager pair three forward (x + b, y) and backward (dx, and gelu's grad).
+first touch page-faults (see DESIGN.md 4): fastgpt allocates one such tensor per direction (y; dx),
+the eager bias pair two in the forward (x + b, y), one in the backward (dx) plus a pass for dbias.
 """
 
 import pytest

@@ -65,8 +65,10 @@ struct GeluMath {
       // instead of Horner's 9, so that the out-of-order core overlaps more elements.
       auto pair = [&](float c0, float c1) { return at::vec::fmadd(t, Vec(c1), Vec(c0)); };
       const Vec t2 = t * t, t4 = t2 * t2, t8 = t4 * t4;
-      const Vec r01 = at::vec::fmadd(t2, pair(0.37409196f, 0.09678418f), pair(-1.26551223f, 1.00002368f));
-      const Vec r45 = at::vec::fmadd(t2, pair(-1.13520398f, 1.48851587f), pair(-0.18628806f, 0.27886807f));
+      const Vec r01 =
+          at::vec::fmadd(t2, pair(0.37409196f, 0.09678418f), pair(-1.26551223f, 1.00002368f));
+      const Vec r45 =
+          at::vec::fmadd(t2, pair(-1.13520398f, 1.48851587f), pair(-0.18628806f, 0.27886807f));
       const Vec r0 = at::vec::fmadd(t4, r45, r01);
       const Vec r = at::vec::fmadd(t8, pair(-0.82215223f, 0.17087277f), r0);
       return t * exp_neg(r - a * a);

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from fastgpt import _backend, reference
+from fastgpt.ops.gelu import GeluFunction
 from fastgpt.ops.layer_norm import LayerNormFunction
 
 __all__ = [
@@ -123,14 +124,41 @@ def add_layer_norm(
 # ---- GELU (kernel path: fastgpt/ops/gelu.py) --------------------------------------------------
 
 
+_APPROXIMATIONS = ("none", "tanh")
+
+
+def _gelu(name, input, bias, approximate):
+    """Run the kernel on a contiguous input; None if the reference must."""
+    if approximate not in _APPROXIMATIONS:
+        raise RuntimeError(f"{name}: approximate argument must be either none or tanh.")
+    backend = _backend.backend_for(input)
+    why = _unsupported(backend, (bias,), input)
+    if why:
+        _backend.fallback(name, why)
+        return None
+    b = None if bias is None else bias.contiguous()
+    return GeluFunction.apply(input.contiguous(), b, approximate, backend)
+
+
 def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """``torch.nn.functional.gelu``: "none" (erf) or "tanh"."""
-    return reference.gelu(input, approximate)
+    out = _gelu("gelu", input, None, approximate)
+    return reference.gelu(input, approximate) if out is None else out
 
 
 def bias_gelu(input: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
-    """``gelu(input + bias)`` in one pass; the backward also gives the bias gradient."""
-    return reference.bias_gelu(input, bias, approximate)
+    """``gelu(input + bias)`` in one pass; the backward also gives the bias gradient.
+
+    bias (C,) is broadcast over the last dim of input (..., C). The sum is kept in fp32 (not
+    rounded to the input dtype) and the result rounded once.
+    """
+    if input.dim() == 0 or bias.dim() != 1 or bias.shape[0] != input.shape[-1]:
+        raise RuntimeError(
+            f"bias_gelu: bias of shape {list(bias.shape)} must be 1-D with the size of the "
+            f"input's last dim (input shape {list(input.shape)})"
+        )
+    out = _gelu("bias_gelu", input, bias, approximate)
+    return reference.bias_gelu(input, bias, approximate) if out is None else out
 
 
 # ---- attention (kernel path: fastgpt/ops/attention.py) ----------------------------------------

@@ -27,7 +27,6 @@
 //   tanh:  dy/dx = P + 2 x T (1 - T) sqrt(2/pi) (1 + 3 * 0.044715 x^2)   (x clamped to +-20)
 //   erf:   dy/dx = P + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 #include "common.h"
-#include "output_pool.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -316,7 +315,7 @@ at::Tensor gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
   check_cpu_float(x, op, "input");
   const Approx approx = parse_approximate(approximate, op);
   const at::Tensor b = check_bias(bias, x, op);
-  at::Tensor y = empty_pooled_like(x);  // see output_pool.h: no page faults in steady state
+  at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   FASTGPT_DISPATCH_GELU(x.scalar_type(), approx, op, [&] {
     gelu_fwd_kernel<scalar_t, A>(x, b, y);
@@ -334,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dy, const at::Tens
   const Approx approx = parse_approximate(approximate, op);
   const at::Tensor b = check_bias(bias, x, op);
   TORCH_CHECK(!bias_grad || b.defined(), op, ": bias_grad needs a bias");
-  at::Tensor dx = empty_pooled_like(x);
+  at::Tensor dx = at::empty_like(x);
   at::Tensor dbias = at::empty({bias_grad ? b.numel() : 0}, x.options());
   if (x.numel() == 0) {
     dbias.zero_();  // a sum over no rows

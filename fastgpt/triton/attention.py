@@ -115,6 +115,20 @@ def _store_rows(ptr, value, rows, offs_d, n_rows, HEAD_DIM: tl.constexpr, PAD_D:
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
+# The interpreter multiplies bf16 tiles as their raw uint16 bits (np.matmul on the storage type,
+# triton/runtime/interpreter.py create_dot), so under it bf16 dot operands are widened to fp32
+# first. That is exact: bf16 products are exact in fp32, which is what the tensor cores do too.
+_WIDEN_BF16_DOTS = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    if _WIDEN_BF16_DOTS and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
 @triton.jit
 def _dropout_keep(seed, offset, bh, rows, cols, Tq, Tk, dropout_p):
     # Keep-mask of dropout for the elements (bh, rows, cols) of the (B·H, Tq, Tk) score space;
@@ -164,7 +178,7 @@ def _fwd_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_bh, offs_n, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         v = _load_rows(V_bh, offs_n, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
         if MASKED:
             keep = offs_n[None, :] < Tk
             if IS_CAUSAL:
@@ -181,7 +195,7 @@ def _fwd_inner(
                 seed, offset, bh, offs_m[:, None], offs_n[None, :], Tq, Tk, dropout_p
             )
             p = tl.where(keep_d, p * drop_scale, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -511,7 +525,7 @@ def _bwd_dkdv_inner(
         else:
             lse = tl.load(Lse_bh + offs_m)
             delta = tl.load(Delta_bh + offs_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        s_t = _dot(k, tl.trans(q), DOT_PRECISION) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)
         if MASKED:
             # where, not a multiply: a row that sees nothing has lse = -inf and p = inf there.
@@ -519,7 +533,7 @@ def _bwd_dkdv_inner(
             if IS_CAUSAL:
                 keep = keep & (offs_n[:, None] <= offs_m[None, :] + (Tk - Tq))
             p_t = tl.where(keep, p_t, 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dp_t = _dot(v, tl.trans(do), DOT_PRECISION)
         if HAS_DROPOUT:
             keep_d = _dropout_keep(
                 seed, offset, bh, offs_m[None, :], offs_n[:, None], Tq, Tk, dropout_p
@@ -528,9 +542,9 @@ def _bwd_dkdv_inner(
             dp_t = tl.where(keep_d, dp_t * drop_scale, 0.0)
         else:
             pz_t = p_t
-        dv += tl.dot(pz_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dv += _dot(pz_t.to(do.dtype), do, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
     return dk, dv
 
 
@@ -715,21 +729,21 @@ def _bwd_dq_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_bh, offs_n, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         v = _load_rows(V_bh, offs_n, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             keep = offs_n[None, :] < Tk
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = _dot(do, tl.trans(v), DOT_PRECISION)
         if HAS_DROPOUT:
             keep_d = _dropout_keep(
                 seed, offset, bh, offs_m[:, None], offs_n[None, :], Tq, Tk, dropout_p
             )
             dp = tl.where(keep_d, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq += _dot(ds.to(k.dtype), k, DOT_PRECISION)
     return dq
 
 
@@ -863,11 +877,11 @@ def _cfg(block_m, block_n, num_warps, num_stages):
     )
 
 
-# H100-sized configs per head-dim class and kernel; the first of each list is the default (the
-# one the interpreter runs, and the one that must not spill). D <= 64 affords 128-row tiles;
-# D = 128 keeps the fp32 accumulators (BLOCK x 128 per program) within ~128 registers/thread by
-# pairing 128-row tiles with 8 warps; D = 256 drops to 64/32-row tiles. fp32 inputs double the
-# shared memory of every stage, so their lists use fewer stages (see _configs).
+# H100-sized configs of the 16-bit dtypes per head-dim class and kernel; the first of each list is
+# the default (the one autotuning starts from, and the one that must not spill on sm_90a; the
+# interpreter runs _INTERPRET_BLOCK instead). D <= 64 affords 128-row tiles; D = 128 keeps the
+# fp32 accumulators (BLOCK x 128 per program) within ~128 registers/thread by pairing 128-row
+# tiles with 8 warps; D = 256 drops to 64/32-row tiles.
 _FWD_CONFIGS = {
     64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4)],
     128: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2)],
@@ -899,6 +913,12 @@ _DECODE_CONFIGS = {
         _cfg(_DECODE_BLOCK_M, _DECODE_BLOCK_N, 8, 2),
     ],
 }
+_CONFIGS = {
+    "fwd": _FWD_CONFIGS,
+    "dkdv": _BWD_DKDV_CONFIGS,
+    "dq": _BWD_DQ_CONFIGS,
+    "decode": _DECODE_CONFIGS,
+}
 # The interpreter's fixed config: small tiles, so the ragged tails, the diagonal and several
 # blocks per row are all exercised at test sizes.
 _INTERPRET_BLOCK = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -908,14 +928,32 @@ def _d_class(head_dim):
     return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
 
 
-def _configs(table, head_dim, elt_bytes):
-    configs = table[_d_class(head_dim)]
-    if elt_bytes == 4:
-        # fp32 tiles take twice the shared memory per pipeline stage: two stages at most.
-        configs = [
-            triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=min(c.num_stages, 2))
-            for c in configs
-        ]
+# fp32 inputs: IEEE fp32 dots have no tensor-core path, so they run as FMA loops whose operand
+# tiles live in registers; the 16-bit tiles above spill (7.8 KB at D=64 on sm_90a). fp32 gets
+# one small config per head-dim class: it is the accuracy path, not the fast one.
+_FP32_CONFIGS = {
+    "fwd": {64: [_cfg(64, 32, 4, 2)], 128: [_cfg(64, 32, 8, 2)], 256: [_cfg(32, 32, 8, 2)]},
+    "dkdv": {64: [_cfg(32, 64, 4, 2)], 128: [_cfg(32, 64, 8, 2)], 256: [_cfg(32, 32, 8, 2)]},
+    "dq": {64: [_cfg(64, 32, 4, 2)], 128: [_cfg(64, 32, 8, 2)], 256: [_cfg(32, 32, 8, 2)]},
+    "decode": {
+        64: [_cfg(_DECODE_BLOCK_M, _DECODE_BLOCK_N, 4, 2)],
+        128: [_cfg(_DECODE_BLOCK_M, _DECODE_BLOCK_N, 4, 2)],
+        256: [_cfg(_DECODE_BLOCK_M, _DECODE_BLOCK_N, 8, 2)],
+    },
+}
+
+
+def _configs(table, head_dim, elt_bytes, dropout=False):
+    """The configs of one kernel (`table`: "fwd", "dkdv", "dq" or "decode") for a head dim,
+    dtype size and dropout flag. Dropout's Philox rounds (per score element, in registers beside
+    the tiles) spill 4-warp programs on sm_90a: they get 8 warps, halving the per-thread share of
+    the score tile."""
+    tables = _FP32_CONFIGS if elt_bytes == 4 else _CONFIGS
+    configs = []
+    for c in tables[table][_d_class(head_dim)]:
+        num_stages = c.num_stages
+        num_warps = max(c.num_warps, 8) if dropout else c.num_warps
+        configs.append(triton.Config(dict(c.kwargs), num_warps=num_warps, num_stages=num_stages))
     return configs
 
 
@@ -923,8 +961,8 @@ def _prune_for(table):
     def prune(configs, named_args, **kwargs):
         # Each kernel holds one config list per head-dim class; keep the class of this call.
         # (The autotune cache key includes the tensors' dtypes, so pruning by dtype is sound.)
-        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        return _configs(table, head_dim, named_args["Q"].element_size())
+        args = {**named_args, **kwargs}
+        return _configs(table, args["HEAD_DIM"], args["Q"].element_size(), args["HAS_DROPOUT"])
 
     return prune
 
@@ -938,17 +976,19 @@ def _tuned(kernel, table, key=_AUTOTUNE_KEY):
     per (head-dim class, dtype): the early prune swaps the nominal list for this call's own."""
     with_heuristic = triton.heuristics(_BLOCK_D_HEURISTIC)(kernel)
     return triton.autotune(
-        configs=table[64], key=key, prune_configs_by={"early_config_prune": _prune_for(table)}
+        configs=_CONFIGS[table][64],
+        key=key,
+        prune_configs_by={"early_config_prune": _prune_for(table)},
     )(with_heuristic)
 
 
 if not _INTERPRET:
-    _fwd_launch = _tuned(_attn_fwd_kernel, _FWD_CONFIGS)
-    _dkdv_launch = _tuned(_attn_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS)
-    _dq_launch = _tuned(_attn_bwd_dq_kernel, _BWD_DQ_CONFIGS)
+    _fwd_launch = _tuned(_attn_fwd_kernel, "fwd")
+    _dkdv_launch = _tuned(_attn_bwd_dkdv_kernel, "dkdv")
+    _dq_launch = _tuned(_attn_bwd_dq_kernel, "dq")
     _decode_launch = _tuned(
         _attn_decode_kernel,
-        _DECODE_CONFIGS,
+        "decode",
         key=["TK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT"],
     )
 
@@ -1213,7 +1253,7 @@ def _spec(kernel, dtype, constexprs, num_warps, num_stages, label):
 
 
 def _main_spec(kernel, table, head_dim, dtype, causal, dropout, config_index):
-    config = _configs(table, head_dim, _ELT_BYTES[dtype])[config_index]
+    config = _configs(table, head_dim, _ELT_BYTES[dtype], dropout)[config_index]
     constexprs = {
         "HEAD_DIM": head_dim,
         "IS_CAUSAL": causal,
@@ -1232,10 +1272,10 @@ def _main_spec(kernel, table, head_dim, dtype, causal, dropout, config_index):
 
 
 _MAIN_KERNELS = (
-    (_attn_fwd_kernel, _FWD_CONFIGS),
-    (_attn_bwd_dkdv_kernel, _BWD_DKDV_CONFIGS),
-    (_attn_bwd_dq_kernel, _BWD_DQ_CONFIGS),
-    (_attn_decode_kernel, _DECODE_CONFIGS),
+    (_attn_fwd_kernel, "fwd"),
+    (_attn_bwd_dkdv_kernel, "dkdv"),
+    (_attn_bwd_dq_kernel, "dq"),
+    (_attn_decode_kernel, "decode"),
 )
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 
@@ -1248,7 +1288,7 @@ def AOT_SPECS():
     specs = []
     for kernel, table in _MAIN_KERNELS:
         for head_dim in (64, 128, 256):
-            for index in range(len(table[head_dim])):
+            for index in range(len(_CONFIGS[table][head_dim])):
                 specs.append(_main_spec(kernel, table, head_dim, "bf16", True, False, index))
         for head_dim in HEAD_DIMS:
             if head_dim not in (64, 128, 256):

@@ -51,9 +51,11 @@ Cost (see `attention_fwd_cost` / `attention_bwd_cost`), with nq = B·H·Tq, nk =
 fraction of (i, j) pairs visible (1, or ~1/2 causal) and e the element size:
 
     forward:  4·a·B·H·Tq·Tk·D flops (two matmuls); reads (nq + 2·nk)·D·e, writes nq·D·e + 4·nq
-    backward: 10·a·B·H·Tq·Tk·D flops (five matmuls: QKᵀ and dO·Vᵀ recomputed in both backward
-              kernels would be 14; counted as the algorithm's 5, as flash-attention reports);
-              reads (3·nq + 2·nk)·D·e + 8·nq, writes (nq + 2·nk)·D·e
+    backward: 10·a·B·H·Tq·Tk·D flops, the algorithm's five matmuls (S, dV, dP, dQ, dK) as
+              flash-attention counts them; the kernels execute seven (S and dP are recomputed
+              by both the dK/dV and the dQ kernel, the price of no atomics), 14·a·B·H·Tq·Tk·D.
+              Reads (3·nq + 2·nk)·D·e + 8·nq (q, out, dout, k, v; lse and Δ), writes
+              (nq + 2·nk)·D·e
 """
 
 import functools
@@ -200,6 +202,8 @@ def _fwd_inner(
     return acc, l_i, m_i
 
 
+# Cost: 4·D flops per visible (i, j) pair (S = Q·Kᵀ and P·V); reads Q once and K, V once per
+# query block (from L2 after the first), writes O and lse once. attention_fwd_cost().
 @triton.jit
 def _attn_fwd_kernel(
     Q,  # (B·H, Tq, HEAD_DIM)
@@ -315,6 +319,8 @@ def _attn_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+# Cost: as the forward (4·D flops per visible pair), K and V read exactly once overall (each
+# split reads its own keys); writes splits·Tq·(D + 1) fp32 partials per b·h.
 @triton.jit
 def _attn_decode_kernel(
     Q,
@@ -423,6 +429,7 @@ def _attn_decode_kernel(
     tl.store(PartLse + part * Tq + offs_m, lse, mask=offs_m < Tq)
 
 
+# Cost: ~3·splits·D flops per row; reads splits·(D + 1) fp32, writes D elements + one fp32.
 @triton.jit
 def _attn_decode_combine_kernel(
     PartOut,  # (B·H, num_splits, Tq, HEAD_DIM) fp32
@@ -465,6 +472,7 @@ def _attn_decode_combine_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
+# Cost: 2·D flops per row; reads O and dO (2·D elements), writes Δ (one fp32).
 @triton.jit
 def _attn_bwd_preprocess_kernel(
     Out,  # (rows, HEAD_DIM)
@@ -548,6 +556,8 @@ def _bwd_dkdv_inner(
     return dk, dv
 
 
+# Cost: 8·D flops per visible pair (S, dP, dV, dK); reads K, V once, Q, dO, lse, Δ once per
+# key block; writes dK, dV once.
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,
@@ -747,6 +757,8 @@ def _bwd_dq_inner(
     return dq
 
 
+# Cost: 6·D flops per visible pair (S, dP, dQ); reads Q, dO, lse, Δ once, K, V once per query
+# block; writes dQ once. With the dK/dV kernel: attention_bwd_cost() (algorithmic 10·D/pair).
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q,
@@ -885,13 +897,13 @@ def _cfg(block_m, block_n, num_warps, num_stages):
 _FWD_CONFIGS = {
     64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4)],
     128: [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2)],
-    256: [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)],
+    256: [_cfg(64, 64, 8, 2), _cfg(64, 32, 8, 3), _cfg(128, 32, 8, 2)],
 }
 # dK/dV: BLOCK_N keys owned (dK, dV accumulators), BLOCK_M queries per step.
 _BWD_DKDV_CONFIGS = {
-    64: [_cfg(32, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3)],
-    128: [_cfg(32, 64, 8, 3), _cfg(64, 64, 8, 2), _cfg(32, 128, 8, 2)],
-    256: [_cfg(32, 64, 8, 2), _cfg(16, 32, 4, 2), _cfg(32, 32, 4, 2)],
+    64: [_cfg(32, 128, 8, 3), _cfg(64, 64, 8, 3), _cfg(32, 64, 4, 3)],
+    128: [_cfg(32, 64, 8, 3), _cfg(64, 32, 8, 2), _cfg(32, 128, 8, 2)],
+    256: [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)],
 }
 # dQ: BLOCK_M queries owned (the dQ accumulator), BLOCK_N keys per step.
 _BWD_DQ_CONFIGS = {
@@ -930,30 +942,37 @@ def _d_class(head_dim):
 
 # fp32 inputs: IEEE fp32 dots have no tensor-core path, so they run as FMA loops whose operand
 # tiles live in registers; the 16-bit tiles above spill (7.8 KB at D=64 on sm_90a). fp32 gets
-# one small config per head-dim class: it is the accuracy path, not the fast one.
+# one small config per head-dim class: it is the accuracy path, not the fast one. (3xTF32,
+# `input_precision="tf32x3"`, was tried: it spills as well from D = 128 on.) Each of these was
+# chosen from the report as the largest tile that does not spill on sm_90a.
 _FP32_CONFIGS = {
-    "fwd": {64: [_cfg(64, 32, 4, 2)], 128: [_cfg(64, 32, 8, 2)], 256: [_cfg(32, 32, 8, 2)]},
-    "dkdv": {64: [_cfg(32, 64, 4, 2)], 128: [_cfg(32, 64, 8, 2)], 256: [_cfg(32, 32, 8, 2)]},
-    "dq": {64: [_cfg(64, 32, 4, 2)], 128: [_cfg(64, 32, 8, 2)], 256: [_cfg(32, 32, 8, 2)]},
-    "decode": {
-        64: [_cfg(_DECODE_BLOCK_M, _DECODE_BLOCK_N, 4, 2)],
-        128: [_cfg(_DECODE_BLOCK_M, _DECODE_BLOCK_N, 4, 2)],
-        256: [_cfg(_DECODE_BLOCK_M, _DECODE_BLOCK_N, 8, 2)],
-    },
+    "fwd": {64: [_cfg(64, 32, 8, 2)], 128: [_cfg(16, 16, 4, 1)], 256: [_cfg(16, 16, 4, 1)]},
+    "dkdv": {64: [_cfg(32, 32, 8, 2)], 128: [_cfg(16, 32, 8, 1)], 256: [_cfg(16, 16, 4, 1)]},
+    "dq": {64: [_cfg(64, 32, 8, 2)], 128: [_cfg(32, 16, 4, 2)], 256: [_cfg(16, 16, 4, 1)]},
+    # BLOCK_N divides _DECODE_BLOCK_N, so the launcher's splits stay whole blocks.
+    "decode": {d: [_cfg(_DECODE_BLOCK_M, 16, 4, 1)] for d in (64, 128, 256)},
 }
 
 
 def _configs(table, head_dim, elt_bytes, dropout=False):
     """The configs of one kernel (`table`: "fwd", "dkdv", "dq" or "decode") for a head dim,
-    dtype size and dropout flag. Dropout's Philox rounds (per score element, in registers beside
-    the tiles) spill 4-warp programs on sm_90a: they get 8 warps, halving the per-thread share of
-    the score tile."""
+    dtype size and dropout flag.
+
+    Dropout's Philox rounds (per score element, in registers beside the tiles) spill the 16-bit
+    configs on sm_90a: with dropout they get 8 warps, and above D = 64 the score tile is halved
+    too, along the inner loop's step (keys for fwd/dq/decode, queries for dK/dV)."""
+    d_class = _d_class(head_dim)
     tables = _FP32_CONFIGS if elt_bytes == 4 else _CONFIGS
     configs = []
-    for c in tables[table][_d_class(head_dim)]:
-        num_stages = c.num_stages
-        num_warps = max(c.num_warps, 8) if dropout else c.num_warps
-        configs.append(triton.Config(dict(c.kwargs), num_warps=num_warps, num_stages=num_stages))
+    for c in tables[table][d_class]:
+        kwargs = dict(c.kwargs)
+        num_warps = c.num_warps
+        if dropout and elt_bytes != 4:
+            num_warps = max(num_warps, 8)
+            if d_class > 64:
+                step = "BLOCK_M" if table == "dkdv" else "BLOCK_N"
+                kwargs[step] = max(kwargs[step] // 2, 16)
+        configs.append(triton.Config(kwargs, num_warps=num_warps, num_stages=c.num_stages))
     return configs
 
 

@@ -37,7 +37,9 @@ def _run(args, interpret=False, timeout=900):
 
 @pytest.fixture(scope="module")
 def report_rows():
-    result = _run(["-m", "fastgpt.triton.report", "--json"])
+    result = _run(
+        ["-m", "fastgpt.triton.report", "--json", "--module", "fastgpt.triton.layer_norm"]
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout)
 

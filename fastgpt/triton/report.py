@@ -37,7 +37,11 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-KERNEL_MODULES = ["fastgpt.triton.layer_norm", "fastgpt.triton.gelu"]
+KERNEL_MODULES = [
+    "fastgpt.triton.layer_norm",
+    "fastgpt.triton.gelu",
+    "fastgpt.triton.attention",
+]
 
 TARGET_NAMES = {80: "sm_80", 90: "sm_90a"}
 
@@ -199,9 +203,17 @@ def main(argv=None):
         help="compute capability to compile for (repeatable; default: all)",
     )
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes")
+    parser.add_argument(
+        "--module",
+        action="append",
+        choices=KERNEL_MODULES,
+        help="kernel module to compile (repeatable; default: all)",
+    )
     args = parser.parse_args(argv)
     try:
-        rows = compile_all(targets=tuple(args.target or sorted(TARGET_NAMES)), jobs=args.jobs)
+        rows = compile_all(
+            targets=tuple(args.target or sorted(TARGET_NAMES)), modules=args.module, jobs=args.jobs
+        )
     except RuntimeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

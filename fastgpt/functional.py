@@ -179,7 +179,9 @@ def _check_attention_args(query, key, value, dropout_p):
             "must have the same head dim"
         )
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(
+            f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}"
+        )
 
 
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale):

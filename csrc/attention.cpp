@@ -200,7 +200,6 @@ struct Problem {
     return causal ? std::clamp<int64_t>(i + off + 1, 0, Tk) : Tk;
   }
   int64_t blocks_q() const { return (Tq + kBlockQ - 1) / kBlockQ; }
-  int64_t blocks_k() const { return (Tk + kBlockK - 1) / kBlockK; }
 };
 
 // How many ways to split the key blocks so that `tasks` independent tasks keep every thread
@@ -218,15 +217,16 @@ inline int64_t splits_for(int64_t tasks, int64_t key_blocks) {
 template <typename acc>
 void forward_block(const Problem& pb, const acc* qp, const acc* kp, const acc* vp, acc scale,
                    const DropoutMask& drop, int64_t bh, int64_t q0, int64_t mq, int64_t split,
-                   int64_t splits, acc* O, acc* m, acc* l, acc* S, const BlockGemm<acc>& gemm) {
+                   int64_t splits, int64_t bk, acc* O, acc* m, acc* l, acc* S,
+                   const BlockGemm<acc>& gemm) {
   const int64_t D = pb.D;
   const acc* Q = qp + (bh * pb.Tq + q0) * D;
   std::fill(O, O + mq * D, acc(0));
   std::fill(m, m + mq, -std::numeric_limits<acc>::infinity());
   std::fill(l, l + mq, acc(0));
   const int64_t kend = pb.key_end(q0 + mq - 1);  // the last row sees the most keys
-  for (int64_t k0 = split * kBlockK; k0 < kend; k0 += splits * kBlockK) {
-    const int64_t mk = std::min(kBlockK, kend - k0);
+  for (int64_t k0 = split * bk; k0 < kend; k0 += splits * bk) {
+    const int64_t mk = std::min(bk, kend - k0);
     const acc* K = kp + (bh * pb.Tk + k0) * D;
     const acc* V = vp + (bh * pb.Tk + k0) * D;
     gemm(false, true, mq, mk, D, Q, D, K, D, S, mk, false);  // S = Q·Kᵀ
@@ -281,7 +281,11 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   acc* op = out.data_ptr<acc>();
   acc* lp = lse.data_ptr<acc>();
   const int64_t tasks = pb.BH * nqb;
-  const int64_t splits = splits_for(tasks, pb.blocks_k());
+  // Short queries (a decode step) take wider key blocks in the same score scratch: fewer, longer
+  // block products for what is a memory-bound pass over K and V.
+  const int64_t bk = std::clamp<int64_t>(kBlockQ * kBlockK / std::min(kBlockQ, pb.Tq), kBlockK,
+                                         4096);
+  const int64_t splits = splits_for(tasks, (pb.Tk + bk - 1) / bk);
   const BlockGemm<acc> gemm;
 
   // Per-thread scratch, allocated once: the score block and the row statistics (m, l).
@@ -310,13 +314,14 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t row0 = bh * pb.Tq + q0;
       if (splits == 1) {
         acc* O = op + row0 * D;  // accumulate in the output itself
-        forward_block(pb, qp, kp, vp, scale, drop, bh, q0, mq, 0, 1, O, m, l, S, gemm);
+        forward_block(pb, qp, kp, vp, scale, drop, bh, q0, mq, 0, 1, bk, O, m, l, S, gemm);
         for (int64_t i = 0; i < mq; ++i)
           finish_row(O + i * D, m[i], l[i], D, keep_scale, lp + row0 + i);
       } else {
         acc* O = part_o.data_ptr<acc>() + (split * pb.BH * pb.Tq + row0) * D;
         acc* pm = part_ml.data_ptr<acc>() + split * 2 * pb.BH * pb.Tq;
-        forward_block(pb, qp, kp, vp, scale, drop, bh, q0, mq, split, splits, O, m, l, S, gemm);
+        forward_block(pb, qp, kp, vp, scale, drop, bh, q0, mq, split, splits, bk, O, m, l, S,
+                      gemm);
         std::copy(m, m + mq, pm + row0);
         std::copy(l, l + mq, pm + pb.BH * pb.Tq + row0);
       }

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from fastgpt import _backend, reference
+from fastgpt.ops.attention import AttentionFunction
 from fastgpt.ops.gelu import GeluFunction
 from fastgpt.ops.layer_norm import LayerNormFunction
 
@@ -175,11 +176,70 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` on (..., T, D) tensors.
 
-    ``is_causal`` with Tq != Tk is bottom-right aligned, as flash-attention does.
+    ``is_causal`` with Tq != Tk is bottom-right aligned, as flash-attention does. Flash attention
+    (memory O(T·D), no T×T scores) unless an ``attn_mask`` tensor or an unsupported layout asks
+    for the reference path. Dropout draws its seed from torch's default CPU generator, so
+    ``torch.manual_seed`` makes it reproducible.
     """
-    return reference.scaled_dot_product_attention(
-        query, key, value, attn_mask, dropout_p, is_causal, scale
+    _check_attention_args(query, key, value, dropout_p)
+    out = _attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    if out is None:
+        return reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale
+        )
+    return out
+
+
+def _check_attention_args(query, key, value, dropout_p):
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise RuntimeError(
+            "scaled_dot_product_attention: query, key and value must have at least 2 dims "
+            f"(..., T, D), got shapes {list(query.shape)}, {list(key.shape)}, {list(value.shape)}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: key ({key.shape[-2]}) and value ({value.shape[-2]}) "
+            "must have the same sequence length"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise RuntimeError(
+            f"scaled_dot_product_attention: query ({query.shape[-1]}) and key ({key.shape[-1]}) "
+            "must have the same head dim"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(
+            f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}"
+        )
+
+
+def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
+    """Run the flash kernel on (B, H, T, D) views; None if the reference must."""
+    backend = _backend.backend_for(query)
+    why = _unsupported(backend, (key, value), query)
+    if not why and attn_mask is not None:
+        why = "attn_mask tensor"
+    if not why and (query.shape[:-2] != key.shape[:-2] or key.shape != value.shape):
+        why = "broadcast batch dims or a value head dim unlike the query's"
+    if why:
+        _backend.fallback("scaled_dot_product_attention", why)
+        return None
+    lead, (t_q, d), t_k = query.shape[:-2], query.shape[-2:], key.shape[-2]
+    if query.dim() == 4:
+        shape_q, shape_k = query.shape, key.shape
+    else:  # (..., T, D): every leading dim folded into the batch
+        n = math.prod(lead)
+        shape_q, shape_k = (n, 1, t_q, d), (n, 1, t_k, d)
+    q = query.reshape(shape_q).contiguous()
+    k = key.reshape(shape_k).contiguous()
+    v = value.reshape(shape_k).contiguous()
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    seed = 0
+    if dropout_p > 0.0:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    out = AttentionFunction.apply(
+        q, k, v, scale, bool(is_causal), float(dropout_p), seed, 0, backend
     )
+    return out.view(query.shape)
 
 
 # ---- cross-entropy (kernel paths: fastgpt/ops/cross_entropy.py, linear_cross_entropy.py) ------

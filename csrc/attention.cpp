@@ -1,0 +1,581 @@
+// Flash attention on CPU: softmax(Q·Kᵀ·scale [+ causal mask]) [dropout] · V, memory O(T·D).
+//
+// q: (B, H, Tq, D), k/v: (B, H, Tk, D), contiguous, one dtype. Causal masking is bottom-right
+// aligned (query i sees keys j <= i + Tk - Tq), as flash-attention does; a query that sees no key
+// gives output 0 and lse = -inf.
+//
+// Forward: tasks of (batch·head, query block, K/V split). Each task walks its key blocks with an
+// online softmax (running max m and sum l per row, in acc precision) and accumulates the
+// unnormalised output in place; key blocks wholly above the causal diagonal are never visited.
+// The two block products per step (S = Q·Kᵀ and O += P·V) go through ATen (at::mm_out /
+// at::addmm_out on views of the block memory). Splitting K/V only happens when there are too few
+// (batch·head, query block) tasks for the threads (a decode step: Tq = 1, small B·H); the splits'
+// partial (O, m, l) are then combined in a fixed order, so the result stays deterministic.
+//
+// Backward: Δ = rowsum(dO∘O) first; then tasks of (batch·head, key-block split). A task owns its
+// key blocks, so it writes dK, dV without atomics; it recomputes P = exp(S·scale - lse) for every
+// query block that sees the key block and adds dS·K into a dQ that it owns too: the dQ of the
+// whole batch·head when splits = 1 (the usual case: B·H covers the threads), else a per-split
+// partial summed in split order at the end. Deterministic for a given thread count.
+//
+// Dropout: keep(b·h, i, j) comes from a splitmix64 hash of (seed, offset + flat index), so the
+// backward regenerates the forward's mask without storing it.
+//
+// bf16/fp16 inputs are widened to fp32 once (O(T·D)) and the results rounded once on the way out;
+// float64 (gradcheck) computes in double.
+#include "common.h"
+
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
+
+#include <cmath>
+#include <limits>
+
+namespace fastgpt {
+namespace {
+
+using at::vec::Vectorized;
+
+// Block sizes (rows of Q x rows of K/V), tuned at B=2, H=12, T=1024, D=64 on this machine.
+// Forward: a 128 x 256 fp32 score block is 128 KiB and stays in L2 with its Q, K, V blocks while
+// the two products run. Backward: taller query blocks (256) give MKL fewer, larger products; narrow
+// key blocks (64) keep the causal waste (the masked triangle of the diagonal block) small, since a
+// key block's query range starts exactly at its first visible query.
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBlockK = 256;
+constexpr int64_t kBwdQ = 256;
+constexpr int64_t kBwdK = 64;
+
+// ---- block products through ATen --------------------------------------------------------------
+
+// C (m x n, leading dim ldc) = [C +] op(A) · op(B), where op(X) is X or Xᵀ and every operand is a
+// row-major block of raw memory. The views are cheap (no copy); the product is ATen's (MKL/oneDNN).
+template <typename acc>
+struct BlockGemm {
+  at::TensorOptions opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value);
+
+  // The (rows x cols) operand op(X): X is stored row-major with leading dim ld, transposed if t.
+  at::Tensor view(const acc* p, int64_t rows, int64_t cols, int64_t ld, bool t) const {
+    auto* q = const_cast<acc*>(p);
+    return t ? at::from_blob(q, {rows, cols}, {1, ld}, opts)
+             : at::from_blob(q, {rows, cols}, {ld, 1}, opts);
+  }
+
+  void operator()(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const acc* A, int64_t lda,
+                  const acc* B, int64_t ldb, acc* C, int64_t ldc, bool accumulate) const {
+    if (m == 0 || n == 0) return;
+    at::Tensor c = view(C, m, n, ldc, false);
+    if (k == 0) {
+      if (!accumulate) c.zero_();
+      return;
+    }
+    at::Tensor a = view(A, m, k, lda, ta), b = view(B, k, n, ldb, tb);
+    // at::cpu:: calls the CPU kernel of at::mm_out / at::addmm_out without a trip through the
+    // dispatcher: a few microseconds less per block product, measurably faster at T = 1024.
+    if (accumulate) {
+      at::cpu::addmm_out(c, c, a, b);
+    } else {
+      at::cpu::mm_out(c, a, b);
+    }
+  }
+};
+
+// ---- dropout mask -------------------------------------------------------------------------------
+
+inline uint64_t splitmix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// keep(counter) is true with probability 1 - p: the top 24 bits of a splitmix64 output of
+// (seed, counter) compared against p·2²⁴. counter = offset + flat index of (b·h, i, j).
+struct DropoutMask {
+  bool on = false;
+  uint64_t key = 0;
+  uint64_t offset = 0;
+  uint32_t threshold = 0;
+  double keep_scale = 1.0;  // 1 / (1 - p)
+
+  DropoutMask(double p, int64_t seed, int64_t off) {
+    on = p > 0.0;
+    if (!on) return;
+    key = splitmix64(static_cast<uint64_t>(seed) + 0x9E3779B97F4A7C15ULL);
+    offset = static_cast<uint64_t>(off);
+    threshold = static_cast<uint32_t>(std::llround(p * 16777216.0));
+    keep_scale = 1.0 / (1.0 - p);
+  }
+  bool keep(uint64_t counter) const {
+    const uint64_t z = splitmix64(key + (offset + counter) * 0x9E3779B97F4A7C15ULL);
+    return static_cast<uint32_t>(z >> 40) >= threshold;
+  }
+};
+
+// ---- small row helpers (vectorized) -------------------------------------------------------------
+
+template <typename acc>
+inline Vectorized<acc> vexp(const Vectorized<acc>& x) {
+  // exp_u20 (a few ulp, ~2x faster than SLEEF's u10) for fp32; the exact exp for float64, which
+  // gradcheck runs in.
+  if constexpr (std::is_same_v<acc, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// row[0:n] *= scale; returns max(row[0:n]) (n > 0).
+template <typename acc>
+inline acc scale_and_max(acc* row, int64_t n, acc scale) {
+  using Vec = Vectorized<acc>;
+  const Vec vs(scale);
+  Vec vmax(-std::numeric_limits<acc>::infinity());
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec v = Vec::loadu(row + j) * vs;
+    v.store(row + j);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  acc mx = at::vec::vec_reduce_all<acc>([](auto& a, auto& b) { return at::vec::maximum(a, b); },
+                                        vmax);
+  for (; j < n; ++j) {
+    row[j] *= scale;
+    mx = std::max(mx, row[j]);
+  }
+  return mx;
+}
+
+// row[0:n] = exp(row[0:n] * mul - sub); returns the sum (the exp fused with the row sum).
+template <typename acc>
+inline acc exp_sum(acc* row, int64_t n, acc mul, acc sub) {
+  using Vec = Vectorized<acc>;
+  const Vec vm(mul), vsub(sub);
+  Vec vsum(0);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = vexp(at::vec::fmsub(Vec::loadu(row + j), vm, vsub));
+    e.store(row + j);
+    vsum = vsum + e;
+  }
+  acc sum = hsum(vsum);
+  for (; j < n; ++j) {
+    row[j] = std::exp(row[j] * mul - sub);
+    sum += row[j];
+  }
+  return sum;
+}
+
+template <typename acc>
+inline void scale_row(acc* row, int64_t n, acc s) {
+  using Vec = Vectorized<acc>;
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(row + j) * Vec(s)).store(row + j);
+  for (; j < n; ++j) row[j] *= s;
+}
+
+template <typename acc>
+inline acc dot(const acc* a, const acc* b, int64_t n) {
+  using Vec = Vectorized<acc>;
+  Vec vs(0);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size())
+    vs = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), vs);
+  acc s = hsum(vs);
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// ---- shapes and work split ----------------------------------------------------------------------
+
+struct Problem {
+  int64_t BH, Tq, Tk, D;
+  bool causal;
+  int64_t off;  // Tk - Tq: query i sees keys j <= i + off when causal
+
+  // Keys [0, key_end(i)) are visible to query i.
+  int64_t key_end(int64_t i) const {
+    return causal ? std::clamp<int64_t>(i + off + 1, 0, Tk) : Tk;
+  }
+  int64_t blocks_q() const { return (Tq + kBlockQ - 1) / kBlockQ; }
+};
+
+// How many ways to split the key blocks so that `tasks` independent tasks keep every thread
+// busy: 1 when there are enough tasks (the usual case), else up to 4 tasks per thread.
+inline int64_t splits_for(int64_t tasks, int64_t key_blocks) {
+  const int64_t nth = at::get_num_threads();
+  if (tasks >= 4 * nth || (tasks >= nth && tasks % nth == 0) || key_blocks <= 1) return 1;
+  return std::clamp<int64_t>((4 * nth + tasks - 1) / tasks, 1, key_blocks);
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+
+// One (batch·head, query block, split): accumulates the unnormalised output O (mq x D) and the
+// running (m, l) of rows q0 .. q0+mq over the key blocks kb ≡ split (mod splits).
+template <typename acc>
+void forward_block(const Problem& pb, const acc* qp, const acc* kp, const acc* vp, acc scale,
+                   const DropoutMask& drop, int64_t bh, int64_t q0, int64_t mq, int64_t split,
+                   int64_t splits, int64_t bk, acc* O, acc* m, acc* l, acc* S,
+                   const BlockGemm<acc>& gemm) {
+  const int64_t D = pb.D;
+  const acc* Q = qp + (bh * pb.Tq + q0) * D;
+  std::fill(O, O + mq * D, acc(0));
+  std::fill(m, m + mq, -std::numeric_limits<acc>::infinity());
+  std::fill(l, l + mq, acc(0));
+  const int64_t kend = pb.key_end(q0 + mq - 1);  // the last row sees the most keys
+  for (int64_t k0 = split * bk; k0 < kend; k0 += splits * bk) {
+    const int64_t mk = std::min(bk, kend - k0);
+    const acc* K = kp + (bh * pb.Tk + k0) * D;
+    const acc* V = vp + (bh * pb.Tk + k0) * D;
+    gemm(false, true, mq, mk, D, Q, D, K, D, S, mk, false);  // S = Q·Kᵀ
+    for (int64_t r = 0; r < mq; ++r) {
+      acc* row = S + r * mk;
+      const int64_t n = std::clamp<int64_t>(pb.key_end(q0 + r) - k0, 0, mk);
+      if (n == 0) {  // this row sees no key of this block (above the causal diagonal)
+        std::fill(row, row + mk, acc(0));
+        continue;
+      }
+      const acc mx = scale_and_max(row, n, scale);
+      const acc mnew = std::max(m[r], mx);
+      const acc sum = exp_sum(row, n, acc(1), mnew);
+      std::fill(row + n, row + mk, acc(0));
+      const acc alpha = std::exp(m[r] - mnew);  // 0 for the first block (m = -inf)
+      l[r] = l[r] * alpha + sum;
+      m[r] = mnew;
+      if (alpha != acc(1)) scale_row(O + r * D, D, alpha);
+      if (drop.on) {
+        const uint64_t base = static_cast<uint64_t>((bh * pb.Tq + q0 + r) * pb.Tk + k0);
+        for (int64_t j = 0; j < n; ++j)
+          if (!drop.keep(base + j)) row[j] = acc(0);
+      }
+    }
+    gemm(false, false, mq, D, mk, S, mk, V, D, O, D, true);  // O += P·V
+  }
+}
+
+// out row = O / l (· 1/(1-p)), lse = m + log(l); a row with l = 0 saw no key: 0 and -inf.
+template <typename acc>
+inline void finish_row(acc* out, acc m, acc l, int64_t D, acc keep_scale, acc* lse) {
+  if (l > acc(0)) {
+    scale_row(out, D, keep_scale / l);
+    *lse = m + std::log(l);
+  } else {
+    std::fill(out, out + D, acc(0));
+    *lse = -std::numeric_limits<acc>::infinity();
+  }
+}
+
+template <typename acc>
+void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          double scale_d, bool causal, const DropoutMask& drop, at::Tensor& out,
+                          at::Tensor& lse) {
+  const Problem pb{q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3), causal,
+                   k.size(2) - q.size(2)};
+  const int64_t D = pb.D, nqb = pb.blocks_q();
+  const acc scale = static_cast<acc>(scale_d), keep_scale = static_cast<acc>(drop.keep_scale);
+  const acc* qp = q.const_data_ptr<acc>();
+  const acc* kp = k.const_data_ptr<acc>();
+  const acc* vp = v.const_data_ptr<acc>();
+  acc* op = out.data_ptr<acc>();
+  acc* lp = lse.data_ptr<acc>();
+  const int64_t tasks = pb.BH * nqb;
+  // Short queries (a decode step) take wider key blocks in the same score scratch: fewer, longer
+  // block products for what is a memory-bound pass over K and V.
+  const int64_t bk = std::clamp<int64_t>(kBlockQ * kBlockK / std::min(kBlockQ, pb.Tq), kBlockK,
+                                         4096);
+  const int64_t splits = splits_for(tasks, (pb.Tk + bk - 1) / bk);
+  const BlockGemm<acc> gemm;
+
+  // Per-thread scratch, allocated once: the score block and the row statistics (m, l).
+  const int64_t nth = at::get_num_threads();
+  const int64_t per_thread = kBlockQ * kBlockK + 2 * kBlockQ;
+  at::Tensor scratch = at::empty({nth, per_thread}, q.options());
+  // Partial results of the K/V splits (only when splitting: few, short queries).
+  at::Tensor part_o, part_ml;
+  if (splits > 1) {
+    part_o = at::empty({splits, pb.BH * pb.Tq, D}, q.options());
+    part_ml = at::empty({splits, 2, pb.BH * pb.Tq}, q.options());
+  }
+
+  // Task t -> (bh, query block, split). Within a batch·head, query blocks are taken light, heavy,
+  // light, ... (0, n-1, 1, n-2, ...): with causal masking the contiguous runs of tasks that
+  // at::parallel_for hands each thread then carry about the same work.
+  at::parallel_for(0, tasks * splits, 1, [&](int64_t begin, int64_t end) {
+    acc* S = scratch.data_ptr<acc>() + at::get_thread_num() * per_thread;
+    acc* m = S + kBlockQ * kBlockK;
+    acc* l = m + kBlockQ;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t split = t % splits, bq = t / splits;
+      const int64_t bh = bq / nqb, r = bq % nqb;
+      const int64_t qb = (r % 2 == 0) ? r / 2 : nqb - 1 - r / 2;
+      const int64_t q0 = qb * kBlockQ, mq = std::min(kBlockQ, pb.Tq - q0);
+      const int64_t row0 = bh * pb.Tq + q0;
+      if (splits == 1) {
+        acc* O = op + row0 * D;  // accumulate in the output itself
+        forward_block(pb, qp, kp, vp, scale, drop, bh, q0, mq, 0, 1, bk, O, m, l, S, gemm);
+        for (int64_t i = 0; i < mq; ++i)
+          finish_row(O + i * D, m[i], l[i], D, keep_scale, lp + row0 + i);
+      } else {
+        acc* O = part_o.data_ptr<acc>() + (split * pb.BH * pb.Tq + row0) * D;
+        acc* pm = part_ml.data_ptr<acc>() + split * 2 * pb.BH * pb.Tq;
+        forward_block(pb, qp, kp, vp, scale, drop, bh, q0, mq, split, splits, bk, O, m, l, S,
+                      gemm);
+        std::copy(m, m + mq, pm + row0);
+        std::copy(l, l + mq, pm + pb.BH * pb.Tq + row0);
+      }
+    }
+  });
+  if (splits == 1) return;
+
+  // Combine the splits in split order: m = max m_s, l = Σ l_s e^(m_s - m), O = Σ O_s e^(m_s - m).
+  const int64_t rows = pb.BH * pb.Tq;
+  at::parallel_for(0, rows, row_grain(splits * D), [&](int64_t begin, int64_t end) {
+    const acc* po = part_o.const_data_ptr<acc>();
+    const acc* pm = part_ml.const_data_ptr<acc>();
+    for (int64_t row = begin; row < end; ++row) {
+      acc mx = -std::numeric_limits<acc>::infinity();
+      for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, pm[s * 2 * rows + row]);
+      acc* o = op + row * D;
+      std::fill(o, o + D, acc(0));
+      acc lsum = 0;
+      if (mx != -std::numeric_limits<acc>::infinity()) {
+        for (int64_t s = 0; s < splits; ++s) {
+          const acc ms = pm[s * 2 * rows + row];
+          if (ms == -std::numeric_limits<acc>::infinity()) continue;  // split saw no key
+          const acc w = std::exp(ms - mx);
+          lsum += pm[s * 2 * rows + rows + row] * w;
+          const acc* os = po + (s * rows + row) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += w * os[d];
+        }
+      }
+      finish_row(o, mx, lsum, D, keep_scale, lp + row);
+    }
+  });
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+template <typename acc>
+void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                          double scale_d, bool causal, const DropoutMask& drop, at::Tensor& dq,
+                          at::Tensor& dk, at::Tensor& dv) {
+  const Problem pb{q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3), causal,
+                   k.size(2) - q.size(2)};
+  const int64_t D = pb.D, rows = pb.BH * pb.Tq, nkb = (pb.Tk + kBwdK - 1) / kBwdK;
+  const acc scale = static_cast<acc>(scale_d), keep_scale = static_cast<acc>(drop.keep_scale);
+  const acc* dop = dout.const_data_ptr<acc>();
+  const acc* qp = q.const_data_ptr<acc>();
+  const acc* kp = k.const_data_ptr<acc>();
+  const acc* vp = v.const_data_ptr<acc>();
+  const acc* lp = lse.const_data_ptr<acc>();
+  const BlockGemm<acc> gemm;
+
+  // Δ_i = rowsum(dO ∘ O) = Σ_j P_ij·dP_ij (dropout included: O already carries the mask).
+  at::Tensor delta = at::empty({rows}, q.options());
+  {
+    const acc* outp = out.const_data_ptr<acc>();
+    acc* dp = delta.data_ptr<acc>();
+    at::parallel_for(0, rows, row_grain(2 * D), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        dp[row] = dot(dop + row * D, outp + row * D, D);
+    });
+  }
+  const acc* deltap = delta.const_data_ptr<acc>();
+
+  const int64_t splits = splits_for(pb.BH, nkb);
+  // dQ accumulators: dq itself when each batch·head has one task, else one partial per split.
+  at::Tensor dq_acc = splits == 1 ? dq.zero_() : at::zeros({splits, rows, D}, q.options());
+  const int64_t nth = at::get_num_threads();
+  const int64_t per_thread = 2 * kBwdQ * kBwdK;
+  at::Tensor scratch = at::empty({nth, per_thread}, q.options());
+  acc* dqp = dq_acc.data_ptr<acc>();
+  acc* dkp = dk.data_ptr<acc>();
+  acc* dvp = dv.data_ptr<acc>();
+
+  at::parallel_for(0, pb.BH * splits, 1, [&](int64_t begin, int64_t end) {
+    acc* P = scratch.data_ptr<acc>() + at::get_thread_num() * per_thread;
+    acc* dS = P + kBwdQ * kBwdK;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / splits, split = t % splits;
+      acc* dQ = dqp + (split * rows + bh * pb.Tq) * D;
+      // Key blocks split, split + splits, ...: interleaved, so that with causal masking (early
+      // key blocks are seen by more queries) the splits carry similar work.
+      for (int64_t kb = split; kb < nkb; kb += splits) {
+        const int64_t k0 = kb * kBwdK, mk = std::min(kBwdK, pb.Tk - k0);
+        const acc* K = kp + (bh * pb.Tk + k0) * D;
+        const acc* V = vp + (bh * pb.Tk + k0) * D;
+        acc* dK = dkp + (bh * pb.Tk + k0) * D;
+        acc* dV = dvp + (bh * pb.Tk + k0) * D;
+        std::fill(dK, dK + mk * D, acc(0));
+        std::fill(dV, dV + mk * D, acc(0));
+        // The first query that sees key k0 (all of them without causal masking).
+        const int64_t qstart = causal ? std::clamp<int64_t>(k0 - pb.off, 0, pb.Tq) : 0;
+        for (int64_t q0 = qstart; q0 < pb.Tq; q0 += kBwdQ) {
+          const int64_t mq = std::min(kBwdQ, pb.Tq - q0), row0 = bh * pb.Tq + q0;
+          const acc* Q = qp + row0 * D;
+          const acc* dO = dop + row0 * D;
+          gemm(false, true, mq, mk, D, Q, D, K, D, P, mk, false);    // S = Q·Kᵀ
+          gemm(false, true, mq, mk, D, dO, D, V, D, dS, mk, false);  // dP = dO·Vᵀ
+          for (int64_t r = 0; r < mq; ++r) {
+            acc* prow = P + r * mk;
+            acc* drow = dS + r * mk;
+            const int64_t n = std::clamp<int64_t>(pb.key_end(q0 + r) - k0, 0, mk);
+            const acc lse_r = lp[row0 + r];
+            if (n == 0 || lse_r == -std::numeric_limits<acc>::infinity()) {
+              std::fill(prow, prow + mk, acc(0));
+              std::fill(drow, drow + mk, acc(0));
+              continue;
+            }
+            exp_sum(prow, n, scale, lse_r);  // P = exp(S·scale - lse), recomputed
+            std::fill(prow + n, prow + mk, acc(0));
+            const acc dl = deltap[row0 + r];
+            if (drop.on) {
+              // dS = P∘(dP∘Z - Δ) and P∘Z for dV, Z = keep/(1-p): the forward's mask again.
+              const uint64_t base = static_cast<uint64_t>((row0 + r) * pb.Tk + k0);
+              for (int64_t j = 0; j < n; ++j) {
+                const acc z = drop.keep(base + j) ? keep_scale : acc(0);
+                drow[j] = prow[j] * (drow[j] * z - dl);
+                prow[j] *= z;
+              }
+            } else {
+              using Vec = Vectorized<acc>;
+              int64_t j = 0;
+              for (; j + Vec::size() <= n; j += Vec::size())
+                (Vec::loadu(prow + j) * (Vec::loadu(drow + j) - Vec(dl))).store(drow + j);
+              for (; j < n; ++j) drow[j] = prow[j] * (drow[j] - dl);
+            }
+            std::fill(drow + n, drow + mk, acc(0));
+          }
+          gemm(true, false, mk, D, mq, P, mk, dO, D, dV, D, true);   // dV += (P∘Z)ᵀ·dO
+          gemm(true, false, mk, D, mq, dS, mk, Q, D, dK, D, true);   // dK += dSᵀ·Q
+          gemm(false, false, mq, D, mk, dS, mk, K, D, dQ + (q0 * D), D, true);  // dQ += dS·K
+        }
+        scale_row(dK, mk * D, scale);
+      }
+    }
+  });
+
+  // dQ = scale · Σ_splits partial (in split order).
+  at::parallel_for(0, rows, row_grain(splits * D), [&](int64_t begin, int64_t end) {
+    acc* out_dq = dq.data_ptr<acc>();
+    for (int64_t row = begin; row < end; ++row) {
+      acc* o = out_dq + row * D;
+      if (splits > 1) {
+        std::copy(dqp + row * D, dqp + row * D + D, o);
+        for (int64_t s = 1; s < splits; ++s) {
+          const acc* ps = dqp + (s * rows + row) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += ps[d];
+        }
+      }
+      scale_row(o, D, scale);
+    }
+  });
+}
+
+// ---- entry points -------------------------------------------------------------------------------
+
+constexpr const char* kFwd = "attention_fwd";
+constexpr const char* kBwd = "attention_bwd";
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  check_cpu_float(q, op, "q");
+  check_cpu_float(k, op, "k");
+  check_cpu_float(v, op, "v");
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, H, Tq, D), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4, op, ": k and v must be 4-D (B, H, Tk, D), got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k has shape ", k.sizes(), " but v has shape ",
+              v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
+              ": k of shape ", k.sizes(), " does not match q of shape ", q.sizes(),
+              " in B, H or D");
+  TORCH_CHECK(q.size(3) > 0, op, ": head dim D must be positive");
+}
+
+void check_args(double dropout_p, const char* op) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+              dropout_p);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, double scale,
+                                                 bool is_causal, double dropout_p, int64_t seed,
+                                                 int64_t offset) {
+  check_qkv(q, k, v, kFwd);
+  check_args(dropout_p, kFwd);
+  const auto dt = q.scalar_type();
+  const bool reduced = dt == at::kBFloat16 || dt == at::kHalf;
+  const auto acc_t = dt == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor qa = q.to(acc_t), ka = k.to(acc_t), va = v.to(acc_t);  // no copy for fp32/fp64
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(acc_t));
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_t));
+  const DropoutMask drop(dropout_p, seed, offset);
+  if (q.numel() > 0 && k.size(2) > 0) {
+    if (acc_t == at::kDouble) {
+      attention_fwd_kernel<double>(qa, ka, va, scale, is_causal, drop, out, lse);
+    } else {
+      attention_fwd_kernel<float>(qa, ka, va, scale, is_causal, drop, out, lse);
+    }
+  } else {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+  return {reduced ? out.to(dt) : out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool is_causal, double dropout_p,
+    int64_t seed, int64_t offset) {
+  check_qkv(q, k, v, kBwd);
+  check_args(dropout_p, kBwd);
+  check_cpu_float(dout, kBwd, "dout");
+  check_cpu_float(out, kBwd, "out");
+  check_same(q, dout, kBwd, "q", "dout");
+  check_same(q, out, kBwd, "q", "out");
+  const auto dt = q.scalar_type();
+  const bool reduced = dt == at::kBFloat16 || dt == at::kHalf;
+  const auto acc_t = dt == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == acc_t && lse.is_contiguous(), kBwd,
+              ": lse must be a contiguous CPU ", acc_t, " tensor, got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2),
+              kBwd, ": lse must have shape (B, H, Tq) = ", q.sizes().slice(0, 3), ", got ",
+              lse.sizes());
+  at::Tensor qa = q.to(acc_t), ka = k.to(acc_t), va = v.to(acc_t);
+  at::Tensor doa = dout.to(acc_t), oa = out.to(acc_t);
+  auto opts = q.options().dtype(acc_t);
+  at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts),
+             dv = at::empty(v.sizes(), opts);
+  const DropoutMask drop(dropout_p, seed, offset);
+  if (q.numel() > 0 && k.numel() > 0) {
+    if (acc_t == at::kDouble) {
+      attention_bwd_kernel<double>(doa, qa, ka, va, oa, lse, scale, is_causal, drop, dq, dk, dv);
+    } else {
+      attention_bwd_kernel<float>(doa, qa, ka, va, oa, lse, scale, is_causal, drop, dq, dk, dv);
+    }
+  } else {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
+  if (reduced) return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  return {dq, dk, dv};
+}
+
+void register_attention(torch::Library& m) {
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
+}
+
+}  // namespace
+
+static const OpRegistrar registrar(&register_attention);
+
+}  // namespace fastgpt

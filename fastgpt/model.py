@@ -520,9 +520,9 @@ def _convert_hf_state_dict(sd: dict) -> dict:
         out["transformer." + k] = t
     head = sd.get("lm_head.weight")
     wte = out.get("transformer.wte.weight")
-    if head is not None and wte is not None and head.data_ptr() != wte.data_ptr():
-        if head.shape != wte.shape or not torch.equal(head, wte):
-            raise ValueError("lm_head.weight differs from wte.weight: GPT ties them")
+    tied = head is None or wte is None or head.data_ptr() == wte.data_ptr()
+    if not tied and (head.shape != wte.shape or not torch.equal(head, wte)):
+        raise ValueError("lm_head.weight differs from wte.weight: GPT ties them")
     return out
 
 

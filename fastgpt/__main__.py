@@ -1,0 +1,7 @@
+"""``python -m fastgpt train | sample | bench`` (the same as the ``fastgpt`` command)."""
+
+import sys
+
+from fastgpt.cli import main
+
+sys.exit(main())

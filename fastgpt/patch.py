@@ -323,8 +323,14 @@ _NOTEWORTHY = ("LayerNorm", "GELU", "Attention", "CrossEntropy")
 
 def _plan(model: nn.Module) -> list[tuple[str, nn.Module, Rule | None, PatchEntry]]:
     plan = []
+    native: list[str] = []  # fastgpt's own models (fastgpt.GPT): already on the kernels
     for path, m in model.named_modules():
         what = f"{type(m).__module__}.{type(m).__qualname__}"
+        if any(path == p or path.startswith(p + ".") or p == "" for p in native):
+            continue
+        if type(m).__module__ == "fastgpt.model":
+            native.append(path)
+            continue
         if _is_patched(m):
             continue
         rule = next((r for r in RULES if r.matches(m)), None)

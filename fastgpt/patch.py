@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,12 +232,16 @@ def _global_names(fn) -> set[str]:
 
 def _torch_bindings(fn) -> dict[str, object]:
     """The globals of ``fn`` that are torch, torch.nn, torch.nn.functional or one of its twins."""
-    g = getattr(fn, "__globals__", {})
+    g = getattr(inspect.unwrap(fn), "__globals__", {})
+    names = _global_names(fn)
     found = {}
-    for name in _global_names(fn):
+    for name in names:
         v = g.get(name)
-        is_module = v is torch or v is torch.nn or v is torch.nn.functional
-        if is_module or any(v is getattr(torch.nn.functional, t) for t in _TWINS):
+        # torch / torch.nn only matter when reached through ".functional"; leaving them alone
+        # otherwise keeps torch.compile seeing the real torch module for everything else
+        via_functional = (v is torch or v is torch.nn) and "functional" in names
+        is_twin = any(v is getattr(torch.nn.functional, t) for t in _TWINS)
+        if via_functional or v is torch.nn.functional or is_twin:
             found[name] = v
     return found
 
@@ -253,9 +258,17 @@ def _rebound_forward(fwd):
     """``fwd``'s code with globals where torch's functional twins are fastgpt's adapters."""
     from fastgpt import _shims
 
-    g = dict(fwd.__globals__)
-    for name, v in _torch_bindings(fwd).items():
-        g[name] = _shims.replacement(v)
+    # The new globals live in a module of their own, registered in sys.modules under a distinct
+    # name: torch.compile finds an inlined function's globals by module name, and must not be
+    # sent to the original module's (where torch's functions still are).
+    name = f"{fwd.__globals__.get('__name__', 'module')}.__fastgpt_{fwd.__qualname__}"
+    shim_module = types.ModuleType(name)
+    shim_module.__dict__.update(fwd.__globals__)
+    shim_module.__name__ = name
+    for gname, v in _torch_bindings(fwd).items():
+        setattr(shim_module, gname, _shims.replacement(v))
+    sys.modules[name] = shim_module
+    g = shim_module.__dict__
     new = types.FunctionType(fwd.__code__, g, fwd.__name__, fwd.__defaults__, fwd.__closure__)
     new.__kwdefaults__ = fwd.__kwdefaults__
     new.__qualname__ = fwd.__qualname__

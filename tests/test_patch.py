@@ -198,3 +198,14 @@ def test_fastgpt_gpt_needs_no_patch():
 def test_patch_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         fastgpt.patch("gpt2")
+
+
+def test_patched_nanogpt_style_compiles_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = fastgpt.patch(TinyGPT())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    idx = torch.randint(0, 97, (2, 16))
+    logits, _ = compiled(idx)
+    logits.square().mean().backward()
+    torch.testing.assert_close(logits, model(idx)[0], atol=1e-5, rtol=1e-5)

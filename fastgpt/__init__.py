@@ -2,6 +2,8 @@
 
 import fastgpt.functional as F      # twins of torch.nn.functional
 import fastgpt.nn                   # twins of torch.nn modules
+fastgpt.GPT, fastgpt.GPTConfig      # the GPT-2 family on those kernels
+fastgpt.patch(model)                # swap the kernels into an existing model, in place
 """
 
 import importlib as _importlib
@@ -16,8 +18,20 @@ for _m in _pkgutil.iter_modules(ops.__path__):
         _importlib.import_module(f"fastgpt.ops.{_m.name}")
 
 from fastgpt import functional, nn, reference  # noqa: E402
+from fastgpt.model import GPT, GPTConfig  # noqa: E402
+from fastgpt.patch import patch  # noqa: E402  (the function; the module stays importable)
 
 _cpu.try_load()  # register the C++ CPU kernels now that their schemas exist
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "functional", "nn", "reference", "use_backend", "__version__"]
+__all__ = [
+    "BACKENDS",
+    "GPT",
+    "GPTConfig",
+    "functional",
+    "nn",
+    "patch",
+    "reference",
+    "use_backend",
+    "__version__",
+]

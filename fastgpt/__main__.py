@@ -1,3 +1,7 @@
+"""``python -m fastgpt train | sample | bench`` (the same as the ``fastgpt`` command)."""
+
+import sys
+
 from fastgpt.cli import main
 
-raise SystemExit(main())
+sys.exit(main())

@@ -21,7 +21,7 @@ PYEOF
 
 need=()
 for spec in setuptools wheel ninja pybind11 "triton==3.9.0" pytest pytest-benchmark hypothesis \
-            expecttest ruff matplotlib; do
+            expecttest ruff matplotlib transformers safetensors tqdm; do
     name=${spec%%=*}
     "$PY" -m pip show -q "$name" >/dev/null 2>&1 || need+=("$spec")
 done

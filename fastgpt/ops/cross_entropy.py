@@ -12,10 +12,15 @@ cost one read pass over the logits and one write pass, and the gradient is the o
 
 Because the backward mutates a saved tensor, a second backward through the same graph
 (``retain_graph=True``) is refused by autograd's saved-tensor version check rather than silently
-scaling twice.
+scaling twice. Code that needs repeated backwards (gradcheck) runs inside
+``inplace_backward(False)``: the backward then scales a copy, at the cost of a second N x V
+buffer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -23,6 +28,35 @@ from fastgpt import _backend
 from fastgpt.ops._registry import define
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+# A module global (not a contextvar) so torch.compile guards on it instead of breaking the graph.
+_inplace_backward = True
+
+
+@contextmanager
+def inplace_backward(enabled: bool) -> Iterator[None]:
+    """Whether the cross-entropy backwards scale their saved gradients in place (the default)."""
+    global _inplace_backward
+    previous, _inplace_backward = _inplace_backward, enabled
+    try:
+        yield
+    finally:
+        _inplace_backward = previous
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """``grad * grad_output`` (0-dim, or one value per row) by the kernel of ``backend``: in place
+    unless ``inplace_backward(False)`` is active."""
+    scale = _backend.kernel("cross_entropy", "cross_entropy_scale_grad_", backend, grad.device)
+    if _inplace_backward:
+        # Make the mutation visible to autograd's saved-tensor version check (the dispatcher
+        # does not bump the version of a custom op's mutated argument by itself).
+        torch.autograd.graph.increment_version(grad)
+    else:
+        grad = grad.clone()
+    scale(grad, grad_output.to(grad.dtype).contiguous())
+    return grad
+
 
 FWD = define(
     "cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing,"
@@ -62,8 +96,4 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        scale = _backend.kernel(
-            "cross_entropy", "cross_entropy_scale_grad_", ctx.backend, grad.device
-        )
-        scale(grad, grad_output.to(grad.dtype).contiguous())
-        return grad, None, None, None, None, None
+        return scale_saved_grad(grad, grad_output, ctx.backend), None, None, None, None, None

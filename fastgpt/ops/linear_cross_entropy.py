@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-import fastgpt.ops.cross_entropy  # noqa: F401  (defines cross_entropy_scale_grad_)
 from fastgpt import _backend
 from fastgpt.ops._registry import define
+from fastgpt.ops.cross_entropy import scale_saved_grad
 
 FWD = define(
     "linear_cross_entropy_fwd(Tensor input, Tensor weight, Tensor? bias, Tensor target,"
@@ -100,14 +100,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_output.to(x.dtype).contiguous(), *flags, ctx.chunk_rows,
             )  # fmt: skip
         else:
-            dx, dw, db = ctx.saved_tensors
-            scale = _backend.kernel(
-                "cross_entropy", "cross_entropy_scale_grad_", ctx.backend, dx.device
+            dx, dw, db = (
+                scale_saved_grad(t, grad_output, ctx.backend) if wanted else None
+                for t, wanted in zip(ctx.saved_tensors, flags)
             )
-            g = grad_output.to(dx.dtype).contiguous()
-            for t, wanted in zip((dx, dw, db), flags):
-                if wanted:
-                    scale(t, g)
         return (
             dx if flags[0] else None,
             dw if flags[1] else None,

@@ -37,7 +37,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-KERNEL_MODULES = ["fastgpt.triton.layer_norm"]
+KERNEL_MODULES = ["fastgpt.triton.layer_norm", "fastgpt.triton.cross_entropy"]
 
 TARGET_NAMES = {80: "sm_80", 90: "sm_90a"}
 

@@ -245,7 +245,8 @@ def test_opcheck(isa):
                     torch.ops.fastgpt.cross_entropy_fwd, (x, t, -100, 0.1, red, cg)
                 )
         torch.library.opcheck(torch.ops.fastgpt.cross_entropy_scale_grad_, (x.clone(), x[0, 0]))
-        torch.library.opcheck(torch.ops.fastgpt.cross_entropy_scale_grad_, (x.clone(), x[:, 0].contiguous()))
+        row = x[:, 0].contiguous()
+        torch.library.opcheck(torch.ops.fastgpt.cross_entropy_scale_grad_, (x.clone(), row))
 
 
 def test_compile_fullgraph():

@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd(const at::Tensor& logits,
   const int64_t valid = ce::count_valid_targets(target, V, ignore_index, op);
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor row_loss = at::empty({N}, logits.options().dtype(acc_type));
-  at::Tensor grad = compute_grad ? at::empty({N, V}, logits.options())
+  at::Tensor grad = compute_grad ? ce::empty_grad_buffer(N, V, logits.options())
                                  : at::empty({0}, logits.options());
   // "mean" divides by the number of non-ignored rows; 0 of them gives 0/0 = nan, as torch does.
   const double scale = reduction == ce::kMean ? 1.0 / static_cast<double>(valid) : 1.0;

@@ -111,6 +111,11 @@ def _block_v(V):
     return min(triton.next_power_of_2(V), MAX_BLOCK_V)
 
 
+def _num_warps(block):
+    # ~16 elements per thread at the largest block; short rows get fewer warps, not idle ones.
+    return max(1, min(_NUM_WARPS, block // 512))
+
+
 def _check_targets(target, V, ignore_index, op):
     """Raise before any kernel runs if a target is out of range; return #valid rows (a tensor)."""
     valid = target != ignore_index
@@ -157,7 +162,7 @@ def _launch_rows(logits, target, grad, row_loss, row_scale, ignore_index, label_
         HAS_SMOOTHING=label_smoothing != 0.0,
         HAS_ROW_SCALE=row_scale is not None,
         BLOCK_V=_block_v(V),
-        num_warps=_NUM_WARPS,
+        num_warps=_num_warps(_block_v(V)),
     )
 
 
@@ -313,8 +318,8 @@ def _spec(V, dtype, compute_grad, smoothing, row_scale):
         "signature": signature,
         "constexprs": constexprs,
         "divisible_by_16": divisible,
-        "options": {"num_warps": _NUM_WARPS},
-        "config": f"V={V} {dtype[1:]} {flags or 'loss only'} BLOCK_V={block} w{_NUM_WARPS}",
+        "options": {"num_warps": _num_warps(block)},
+        "config": f"V={V} {dtype[1:]} {flags or 'loss only'} BLOCK_V={block} w{_num_warps(block)}",
     }
 
 

@@ -13,8 +13,10 @@ import torch
 
 from fastgpt import _backend, reference
 from fastgpt.ops.attention import AttentionFunction
+from fastgpt.ops.cross_entropy import REDUCTIONS, CrossEntropyFunction
 from fastgpt.ops.gelu import GeluFunction
 from fastgpt.ops.layer_norm import LayerNormFunction
+from fastgpt.ops.linear_cross_entropy import LinearCrossEntropyFunction
 
 __all__ = [
     "layer_norm",
@@ -245,6 +247,26 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
 # ---- cross-entropy (kernel paths: fastgpt/ops/cross_entropy.py, linear_cross_entropy.py) ------
 
 
+def _ce_kernel_target(input: torch.Tensor, target: torch.Tensor):
+    """(logits (N, V), targets (N,), loss shape for "none") for the kernels, or None when the
+    call has a form they do not take (probability targets, mismatched shapes)."""
+    if target.is_floating_point() or target.dtype != torch.int64 or input.dim() == 0:
+        return None
+    if input.dim() == 1:  # one unbatched row
+        if target.dim() != 0:
+            return None
+        return input[None], target.reshape(1), ()
+    if input.dim() == 2:
+        if target.shape != input.shape[:1]:
+            return None
+        return input, target, (input.shape[0],)
+    # (N, C, d1, ...) -> (N·d1·..., C): the class dim moved last.
+    shape = (input.shape[0], *input.shape[2:])
+    if tuple(target.shape) != shape:
+        return None
+    return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), shape
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -253,8 +275,39 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """``torch.nn.functional.cross_entropy``."""
-    return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    """``torch.nn.functional.cross_entropy``: one online pass per row, the gradient written by
+    the forward and scaled by the backward (class ``weight`` and probability targets run the
+    reference)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    backend = _backend.backend_for(input)
+    why = _unsupported(backend, (), input)
+    picked = None if why else _ce_kernel_target(input, target)
+    if not why and weight is not None:
+        why = "class weight"
+    elif not why and picked is None:
+        why = "probability targets or non-int64 / mismatched target"
+    elif not why and (
+        input.shape[1 if input.dim() > 1 else 0] == 0 or target.device != input.device
+    ):
+        why = "no classes or target on another device"
+    if why:
+        _backend.fallback("cross_entropy", why)
+        return reference.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing
+        )
+    logits, tgt, shape = picked
+    loss = CrossEntropyFunction.apply(
+        logits.contiguous(),
+        tgt.contiguous(),
+        int(ignore_index),
+        float(label_smoothing),
+        REDUCTIONS[reduction],
+        backend,
+    )
+    return loss.view(shape) if reduction == "none" else loss
 
 
 def linear_cross_entropy(
@@ -268,14 +321,47 @@ def linear_cross_entropy(
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """``torch.nn.functional.linear_cross_entropy`` (torch 2.13's signature)."""
-    return reference.linear_cross_entropy(
-        input,
-        linear_weight,
-        target,
-        linear_bias=linear_bias,
-        weight=weight,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
+    """``torch.nn.functional.linear_cross_entropy`` (torch 2.13's signature): rows in chunks
+    through one reused logits buffer, the (N, V) logits never whole."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    backend = _backend.backend_for(input)
+    why = _unsupported(backend, (linear_weight, linear_bias), input)
+    if not why and weight is not None:
+        why = "class weight"
+    elif not why and not (
+        input.dim() == 2
+        and linear_weight.dim() == 2
+        and linear_weight.shape[1] == input.shape[1]
+        and linear_weight.shape[0] > 0
+        and (linear_bias is None or tuple(linear_bias.shape) == (linear_weight.shape[0],))
+        and target.dtype == torch.int64
+        and tuple(target.shape) == (input.shape[0],)
+        and target.device == input.device
+    ):
+        why = "shapes other than (N, C) input, (V, C) weight, (N,) int64 target"
+    if why:
+        _backend.fallback("linear_cross_entropy", why)
+        return reference.linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=weight,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        )
+    return LinearCrossEntropyFunction.apply(
+        input.contiguous(),
+        linear_weight.contiguous(),
+        None if linear_bias is None else linear_bias.contiguous(),
+        target.contiguous(),
+        -100 if ignore_index is None else int(ignore_index),
+        float(label_smoothing),
+        REDUCTIONS[reduction],
+        0,
+        backend,
     )

@@ -177,7 +177,7 @@ def cross_entropy(
         loss = -(probs * logp * w).sum(-1)
         if reduction == "mean":
             return (loss.sum() / loss.shape[0]).to(input.dtype)
-        return _reduce(loss, reduction, input.dtype, input.shape)
+        return _reduce(loss, reduction, input.dtype, _loss_shape(input))
     valid = target != ignore_index
     safe_t = torch.where(valid, target, torch.zeros_like(target))
     if bool(((safe_t < 0) | (safe_t >= n_classes)).any()):
@@ -186,11 +186,15 @@ def cross_entropy(
         )
     w_t = w[safe_t] * valid
     nll = -logp.gather(-1, safe_t[:, None])[:, 0] * w_t
-    smooth = -(logp * w).sum(-1) * valid
-    loss = (1 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth
+    loss = nll
+    if label_smoothing > 0:  # skipped at 0: -inf logits would make 0 * inf = nan here
+        smooth = -(logp * w).sum(-1) * valid
+        loss = (1 - label_smoothing) * nll + (label_smoothing / n_classes) * smooth
     if reduction == "mean":
-        # torch: 0/0 = nan for an all-ignored batch
-        return (loss.sum() / w_t.sum()).to(input.dtype)
+        # torch: 0/0 = nan for an all-ignored batch, and a zero gradient (not nan) there
+        total = w_t.sum()
+        mean = loss.sum() / torch.where(total == 0, torch.ones_like(total), total)
+        return torch.where(total == 0, torch.full_like(mean, float("nan")), mean).to(input.dtype)
     return _reduce(loss, reduction, input.dtype, _loss_shape(input))
 
 

@@ -41,6 +41,7 @@ KERNEL_MODULES = [
     "fastgpt.triton.layer_norm",
     "fastgpt.triton.gelu",
     "fastgpt.triton.attention",
+    "fastgpt.triton.cross_entropy",
 ]
 
 TARGET_NAMES = {80: "sm_80", 90: "sm_90a"}

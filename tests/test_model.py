@@ -199,16 +199,12 @@ def test_torch_compile_fullgraph_forward_backward():
 
 
 def test_torch_compile_fullgraph_with_loss():
-    # linear_cross_entropy's reference path checks target ranges with a data-dependent branch
-    # (a graph break) until the fused kernel replaces it
+    # the loss runs through the linear_cross_entropy kernel: no graph break allowed
     torch._dynamo.reset()
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     idx = torch.randint(0, 64, (2, 17))
-    try:
-        _, loss = compiled(idx[:, :-1], idx[:, 1:])
-    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
-        pytest.xfail(f"graph break in the reference loss path: {str(e).splitlines()[0]}")
+    _, loss = compiled(idx[:, :-1], idx[:, 1:])
     loss.backward()
     torch.testing.assert_close(loss, model(idx[:, :-1], idx[:, 1:])[1], atol=1e-5, rtol=1e-5)
 

@@ -30,8 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "benchmarks", "gpt_worker.py")
 
 # "gpt2": the case (minutes per contender on a 2-core machine); "small": a quick look.
+# Under --benchmark-disable (CI's smoke run) every case runs once on "tiny", so none can rot.
 SIZE = os.environ.get("FASTGPT_BENCH_GPT", "gpt2")
-CASES = {
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=1000)
+ALL_CASES = {
+    "tiny": dict(
+        train=dict(config=TINY, batch=2, seq=64, steps=1),
+        generate=dict(config=TINY, batch=1, seq=8, new_tokens=8, steps=1),
+    ),
     "gpt2": dict(
         train=dict(preset="gpt2", batch=4, seq=512, steps=2),
         generate=dict(preset="gpt2", batch=1, seq=16, new_tokens=64, steps=2),
@@ -51,7 +57,8 @@ CASES = {
             steps=3,
         ),
     ),
-}[SIZE]
+}
+CASES = ALL_CASES[SIZE]
 
 RESULTS: dict[str, dict[str, dict]] = {}
 
@@ -74,7 +81,8 @@ def test_peak_memory_method_sees_a_known_allocation(benchmark):
 
 
 def bench(benchmark, mode, contender):
-    spec = {**CASES[mode], "mode": mode, "contender": contender}
+    cases = ALL_CASES["tiny"] if benchmark.disabled else CASES
+    spec = {**cases[mode], "mode": mode, "contender": contender}
     shape = f"{spec['batch']}x{spec['seq']}"
     group = f"gpt-{SIZE}-{mode}-{shape}-float32"
     res = {}

@@ -10,10 +10,12 @@ setup:
 bench: setup
 	$(PY) -m fastgpt bench
 
-# Lint, every test, and every benchmark once with timing off (so none can rot).
+# Lint, every test, and every benchmark once with timing off (so none can rot). Two pytest runs:
+# tests/ and benchmarks/ each have their own conftest.
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests benchmarks --benchmark-disable -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest benchmarks --benchmark-disable -q -p no:cacheprovider
 
 # The C++ kernels under AddressSanitizer (a separate build in build/asan).
 asan: setup

@@ -72,3 +72,8 @@ def test_plot_draws_the_sweeps(monkeypatch, tmp_path):
     out = tmp_path / "bench.png"
     bench.plot(str(out), "cpu", repeat=1, log=lambda line: None)
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_op_is_refused_with_the_list():
+    with pytest.raises(SystemExit, match="no op nope; ops: layer_norm"):
+        bench.main(["--ops", "nope"])

@@ -130,6 +130,18 @@ def format_table(rows, device) -> str:
     return "\n".join(lines)
 
 
+# A marker and line style per contender, so that lines lying on top of each other (equal peak
+# memory) still show.
+STYLES = {
+    "fastgpt": {"marker": "o", "lw": 2.2, "zorder": 3},
+    "eager": {"marker": "s", "ls": "--", "mfc": "none"},
+    "compile": {"marker": "^", "ls": "-.", "mfc": "none"},
+    "naive": {"marker": "x", "ls": ":"},
+    "torch": {"marker": "D", "ls": "--", "mfc": "none"},
+    "torch_chunked": {"marker": "v", "ls": ":", "mfc": "none"},
+}
+
+
 def plot(path: str, device: str, repeat: int, log=print) -> None:
     """One row per sweep registered in bench_cases (throughput vs sequence length for attention,
     time vs vocabulary size for cross-entropy): the sweep's metric on the left, each
@@ -161,8 +173,9 @@ def plot(path: str, device: str, repeat: int, log=print) -> None:
             xs, ys, ms = zip(*pts)
             why = f" (not run from {not_run[name]}: memory)" if name in not_run else ""
             label = name + why
-            ax_t.plot(xs, ys, marker="o", label=label)
-            ax_m.plot(xs, ms, marker="o", label=label)
+            style = STYLES.get(name, {"marker": "o"})
+            ax_t.plot(xs, ys, label=label, **style)
+            ax_m.plot(xs, ms, label=label, **style)
         xs = [x for x, _ in sweep.points]
         for ax, ylabel, log_y in (
             (ax_t, sweep.metric_label, sweep.log_y),

@@ -63,7 +63,11 @@ def build(spec):
     if who.startswith("transformers"):
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        # "transformers": its default attention (sdpa); "transformers-eager-attn": the
+        # attention transformers calls "eager" (explicit masked softmax, T x T scores kept).
+        attn = "eager" if who == "transformers-eager-attn" else "sdpa"
         hf_cfg = GPT2Config(
+            attn_implementation=attn,
             n_layer=cfg.n_layer,
             n_head=cfg.n_head,
             n_embd=cfg.n_embd,

@@ -6,8 +6,10 @@
 
 Training: GPT-2 124M (fp32, batch 4 x 512 tokens), forward + backward + AdamW step, tokens/s for
 fastgpt's GPT, the same GPT on the reference backend (``fastgpt.use_backend("reference")``),
-transformers' ``GPT2LMHeadModel`` (eager PyTorch, its default sdpa attention) and that model after
-``fastgpt.patch``. Generation: greedy, KV cache, fastgpt's ``generate`` vs transformers'.
+transformers' ``GPT2LMHeadModel`` (eager PyTorch, its default sdpa attention), the same with
+``attn_implementation="eager"`` (transformers' own name for its masked-softmax attention) and
+the sdpa model after ``fastgpt.patch``. Generation: greedy, KV cache, fastgpt's ``generate``
+vs transformers'.
 
 Each contender runs in its own process (benchmarks/gpt_worker.py), so its peak resident memory
 (VmHWM after a clear_refs reset; ``test_peak_memory_method_sees_a_known_allocation`` shows the
@@ -104,7 +106,8 @@ def bench(benchmark, mode, contender):
 
 
 @pytest.mark.parametrize(
-    "contender", ["fastgpt", "reference", "transformers", "transformers+patch"]
+    "contender",
+    ["fastgpt", "reference", "transformers", "transformers-eager-attn", "transformers+patch"],
 )
 def test_train_step(benchmark, contender):
     bench(benchmark, "train", contender)

@@ -2,7 +2,8 @@
 
 Triton's interpreter must be switched on before triton is first imported, so it happens here,
 before any test module loads: the "triton" backend then runs the Triton kernels on CPU tensors.
-On a GPU machine, FASTGPT_TEST_GPU=1 leaves Triton compiling for the device instead.
+On a GPU machine, FASTGPT_TEST_GPU=1 leaves Triton compiling for the device instead; the kernel
+tests that always run under the interpreter load their module through `load_interpreted`.
 """
 
 import os
@@ -11,6 +12,7 @@ if os.environ.get("FASTGPT_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -50,3 +52,40 @@ def run_on(backend: str):
 def backend(request):
     with run_on(request.param):
         yield request.param
+
+
+@contextmanager
+def _interpret_env():
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        # Leave the environment as found: on a GPU run (FASTGPT_TEST_GPU=1) the kernels other
+        # tests import later must compile for the device.
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def load_interpreted(module_name: str):
+    """A private copy of the Triton kernel module ``module_name`` whose kernels are interpreter
+    objects (@triton.jit reads TRITON_INTERPRET as it decorates), even where another test already
+    imported the module with compiled kernels (a GPU run). Skips the calling test module when
+    triton is not installed. Its tests also need the ``triton_interpreter`` fixture."""
+    with _interpret_env():
+        pytest.importorskip("triton")
+        origin = importlib.util.find_spec(module_name).origin
+        private_name = f"_{module_name.rpartition('.')[2]}_interpreted"
+        spec = importlib.util.spec_from_file_location(private_name, origin)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 while a test runs: the interpreter reads it during execution too.
+    Use with ``pytestmark = pytest.mark.usefixtures("triton_interpreter")``."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -54,6 +54,59 @@ def backend(request):
         yield request.param
 
 
+def assert_close(actual, expected, dtype, scale=1.0, equal_nan=False):
+    """torch.testing.assert_close at TOLERANCES[dtype], both tolerances times ``scale``."""
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual,
+        expected,
+        atol=tol["atol"] * scale,
+        rtol=tol["rtol"] * scale,
+        equal_nan=equal_nan,
+    )
+
+
+def reduction_scale(terms):
+    """Tolerance factor for a sum of ``terms`` values: summed in a different order, its rounding
+    error grows like sqrt(terms) (at least 4x the elementwise tolerance)."""
+    return max(4.0, terms**0.5)
+
+
+def cpp_input_checks(bad_calls):
+    """The test of a module's ``bad_calls`` ({case: (call, message)}): each call into the C++
+    kernels (best ISA build) raises a RuntimeError matching its message. Use it as
+    ``test_cpp_input_checks = cpp_input_checks(BAD_CALLS)``."""
+
+    @pytest.mark.parametrize("case", list(bad_calls))
+    def test_cpp_input_checks(case):
+        call, message = bad_calls[case]
+        with _cpu.use_isa(_cpu.supported_isas()[-1]), pytest.raises(RuntimeError, match=message):
+            call()
+
+    return test_cpp_input_checks
+
+
+def hf_gpt2(seed=0, **kw):
+    """A tiny transformers GPT2LMHeadModel (2 layers, 64 wide, 97 tokens), no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        n_positions=64,
+        vocab_size=97,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
 @contextmanager
 def _interpret_env():
     saved = os.environ.get("TRITON_INTERPRET")

@@ -86,6 +86,16 @@ def cpp_input_checks(bad_calls):
     return test_cpp_input_checks
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: the models of the model and patch tests are tiny, and
+    on a busy machine OpenMP threads waiting on each other cost far more than they bring."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def hf_gpt2(seed=0, **kw):
     """A tiny transformers GPT2LMHeadModel (2 layers, 64 wide, 97 tokens), no dropout."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -20,14 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=97)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tests' models are tiny; on a busy machine OpenMP threads waiting on each other cost
-    # far more than they bring.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def shifted(idx):

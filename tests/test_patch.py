@@ -20,12 +20,7 @@ from nanogpt_style import TinyGPT  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_same_grads(a: nn.Module, b: nn.Module):

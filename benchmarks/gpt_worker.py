@@ -30,7 +30,8 @@ def selftest() -> dict:
 
 def build(spec):
     """(model, loss function, generate function, backend context) for one contender:
-    fastgpt | reference | transformers | transformers+patch, and fastgpt+compile /
+    fastgpt | reference | transformers | transformers-eager-attn | transformers+patch, and
+    fastgpt+compile /
     transformers+compile (training only)."""
     import fastgpt
     from fastgpt import GPT, GPTConfig
@@ -44,7 +45,11 @@ def build(spec):
     if who.startswith("transformers"):
         from transformers import GPT2Config, GPT2LMHeadModel
 
+        # "transformers": its default attention (sdpa); "transformers-eager-attn": the
+        # attention transformers calls "eager" (explicit masked softmax, T x T scores kept).
+        attn = "eager" if who == "transformers-eager-attn" else "sdpa"
         hf_cfg = GPT2Config(
+            attn_implementation=attn,
             n_layer=cfg.n_layer,
             n_head=cfg.n_head,
             n_embd=cfg.n_embd,

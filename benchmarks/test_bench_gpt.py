@@ -6,10 +6,11 @@
 
 Training: GPT-2 124M (fp32, batch 4 x 512 tokens), forward + backward + AdamW step, tokens/s for
 fastgpt's GPT, the same GPT on the reference backend (``fastgpt.use_backend("reference")``),
-transformers' ``GPT2LMHeadModel`` (eager PyTorch, its default sdpa attention), that model after
-``fastgpt.patch``, and fastgpt's GPT and transformers' model under ``torch.compile`` (compiled in
-the warm-up step, which is not timed). Generation: greedy, KV cache, fastgpt's ``generate`` vs
-transformers'.
+transformers' ``GPT2LMHeadModel`` (eager PyTorch, its default sdpa attention), the same with
+``attn_implementation="eager"`` (transformers' own name for its masked-softmax attention), the
+sdpa model after ``fastgpt.patch``, and fastgpt's GPT and transformers' (sdpa) model under
+``torch.compile`` (compiled in the warm-up step, which is not timed). Generation: greedy, KV
+cache, fastgpt's ``generate`` vs transformers'.
 
 Each contender runs in its own process (benchmarks/gpt_worker.py), so its peak resident memory
 (fastgpt.profiling.ResidentPeak, the method of every suite, which
@@ -112,6 +113,7 @@ def bench(benchmark, mode, contender):
         "fastgpt",
         "reference",
         "transformers",
+        "transformers-eager-attn",
         "transformers+patch",
         "fastgpt+compile",
         "transformers+compile",

@@ -252,19 +252,10 @@ def _ce_kernel_target(input: torch.Tensor, target: torch.Tensor):
     call has a form they do not take (probability targets, mismatched shapes)."""
     if target.is_floating_point() or target.dtype != torch.int64 or input.dim() == 0:
         return None
-    if input.dim() == 1:  # one unbatched row
-        if target.dim() != 0:
-            return None
-        return input[None], target.reshape(1), ()
-    if input.dim() == 2:
-        if target.shape != input.shape[:1]:
-            return None
-        return input, target, (input.shape[0],)
-    # (N, C, d1, ...) -> (N·d1·..., C): the class dim moved last.
-    shape = (input.shape[0], *input.shape[2:])
+    shape = reference.cross_entropy_loss_shape(input)
     if tuple(target.shape) != shape:
         return None
-    return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), shape
+    return (*reference.cross_entropy_rows(input, target), shape)
 
 
 def cross_entropy(

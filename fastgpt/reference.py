@@ -160,15 +160,7 @@ def cross_entropy(
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     cdt = _compute_dtype(input.dtype)
-    z = input.to(cdt)
-    if z.dim() == 1:  # a single unbatched row
-        z, target = z[None], target[None]
-    if z.dim() > 2:  # (N, C, d1, ...) -> (N·d1·..., C)
-        z = z.movedim(1, -1).reshape(-1, z.shape[1])
-        target = target.movedim(1, -1) if target.is_floating_point() else target
-        target = (
-            target.reshape(-1, z.shape[1]) if target.is_floating_point() else target.reshape(-1)
-        )
+    z, target = cross_entropy_rows(input.to(cdt), target)
     n_classes = z.shape[-1]
     logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
     w = torch.ones(n_classes, dtype=cdt, device=z.device) if weight is None else weight.to(cdt)
@@ -177,7 +169,7 @@ def cross_entropy(
         loss = -(probs * logp * w).sum(-1)
         if reduction == "mean":
             return (loss.sum() / loss.shape[0]).to(input.dtype)
-        return _reduce(loss, reduction, input.dtype, _loss_shape(input))
+        return _reduce(loss, reduction, input.dtype, cross_entropy_loss_shape(input))
     valid = target != ignore_index
     safe_t = torch.where(valid, target, torch.zeros_like(target))
     if bool(((safe_t < 0) | (safe_t >= n_classes)).any()):
@@ -195,10 +187,29 @@ def cross_entropy(
         total = w_t.sum()
         mean = loss.sum() / torch.where(total == 0, torch.ones_like(total), total)
         return torch.where(total == 0, torch.full_like(mean, float("nan")), mean).to(input.dtype)
-    return _reduce(loss, reduction, input.dtype, _loss_shape(input))
+    return _reduce(loss, reduction, input.dtype, cross_entropy_loss_shape(input))
 
 
-def _loss_shape(input: torch.Tensor) -> tuple[int, ...]:
+def cross_entropy_rows(
+    input: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cross_entropy's input forms as rows of logits: (C,) (one unbatched row), (N, C) or
+    (N, C, d1, ...) -> (R, C), the class dim last, and the target to match: (R,) class indices,
+    or (R, C) class probabilities. Also what fastgpt.functional hands the kernels."""
+    if input.dim() == 1:  # a single unbatched row
+        return input[None], target[None]
+    if input.dim() > 2:  # (N, C, d1, ...) -> (N·d1·..., C)
+        n_classes = input.shape[1]
+        input = input.movedim(1, -1).reshape(-1, n_classes)
+        if target.is_floating_point():
+            target = target.movedim(1, -1).reshape(-1, n_classes)
+        else:
+            target = target.reshape(-1)
+    return input, target
+
+
+def cross_entropy_loss_shape(input: torch.Tensor) -> tuple[int, ...]:
+    """The shape of cross_entropy's unreduced loss (and of its class-index target)."""
     if input.dim() == 1:
         return ()
     return (input.shape[0], *input.shape[2:])

@@ -2,7 +2,8 @@
 
 Triton's interpreter must be switched on before triton is first imported, so it happens here,
 before any test module loads: the "triton" backend then runs the Triton kernels on CPU tensors.
-On a GPU machine, FASTGPT_TEST_GPU=1 leaves Triton compiling for the device instead.
+On a GPU machine, FASTGPT_TEST_GPU=1 leaves Triton compiling for the device instead; the kernel
+tests that always run under the interpreter load their module through `load_interpreted`.
 """
 
 import os
@@ -11,6 +12,7 @@ if os.environ.get("FASTGPT_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -50,3 +52,103 @@ def run_on(backend: str):
 def backend(request):
     with run_on(request.param):
         yield request.param
+
+
+def assert_close(actual, expected, dtype, scale=1.0, equal_nan=False):
+    """torch.testing.assert_close at TOLERANCES[dtype], both tolerances times ``scale``."""
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual,
+        expected,
+        atol=tol["atol"] * scale,
+        rtol=tol["rtol"] * scale,
+        equal_nan=equal_nan,
+    )
+
+
+def reduction_scale(terms):
+    """Tolerance factor for a sum of ``terms`` values: summed in a different order, its rounding
+    error grows like sqrt(terms) (at least 4x the elementwise tolerance)."""
+    return max(4.0, terms**0.5)
+
+
+def cpp_input_checks(bad_calls):
+    """The test of a module's ``bad_calls`` ({case: (call, message)}): each call into the C++
+    kernels (best ISA build) raises a RuntimeError matching its message. Use it as
+    ``test_cpp_input_checks = cpp_input_checks(BAD_CALLS)``."""
+
+    @pytest.mark.parametrize("case", list(bad_calls))
+    def test_cpp_input_checks(case):
+        call, message = bad_calls[case]
+        with _cpu.use_isa(_cpu.supported_isas()[-1]), pytest.raises(RuntimeError, match=message):
+            call()
+
+    return test_cpp_input_checks
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: the models of the model and patch tests are tiny, and
+    on a busy machine OpenMP threads waiting on each other cost far more than they bring."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def hf_gpt2(seed=0, **kw):
+    """A tiny transformers GPT2LMHeadModel (2 layers, 64 wide, 97 tokens), no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        n_positions=64,
+        vocab_size=97,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+@contextmanager
+def _interpret_env():
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        # Leave the environment as found: on a GPU run (FASTGPT_TEST_GPU=1) the kernels other
+        # tests import later must compile for the device.
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def load_interpreted(module_name: str):
+    """A private copy of the Triton kernel module ``module_name`` whose kernels are interpreter
+    objects (@triton.jit reads TRITON_INTERPRET as it decorates), even where another test already
+    imported the module with compiled kernels (a GPU run). Skips the calling test module when
+    triton is not installed. Its tests also need the ``triton_interpreter`` fixture."""
+    with _interpret_env():
+        pytest.importorskip("triton")
+        origin = importlib.util.find_spec(module_name).origin
+        private_name = f"_{module_name.rpartition('.')[2]}_interpreted"
+        spec = importlib.util.spec_from_file_location(private_name, origin)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 while a test runs: the interpreter reads it during execution too.
+    Use with ``pytestmark = pytest.mark.usefixtures("triton_interpreter")``."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import CPU_BACKENDS, run_on
+from conftest import CPU_BACKENDS, cpp_input_checks, run_on
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -424,11 +424,7 @@ BAD_CALLS = {
 # devices to their own kernels.
 
 
-@pytest.mark.parametrize("case", list(BAD_CALLS))
-def test_cpp_input_checks(case):
-    call, message = BAD_CALLS[case]
-    with _cpu.use_isa(_cpu.supported_isas()[-1]), pytest.raises(RuntimeError, match=message):
-        call()
+test_cpp_input_checks = cpp_input_checks(BAD_CALLS)
 
 
 def test_scale_default_is_inverse_sqrt_d(backend):

@@ -2,10 +2,13 @@
 smoothing and odd shape; the in-place gradient design; custom-op registration; compile;
 gradcheck; every input check of the C++ kernels."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import TOLERANCES, run_on
+from conftest import assert_close as _assert_close
+from conftest import cpp_input_checks, reduction_scale, run_on
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +20,8 @@ from fastgpt.ops.cross_entropy import inplace_backward
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REDUCTIONS = ["mean", "sum", "none"]
 BEST = f"cpu-{_cpu.supported_isas()[-1]}"
+# NaN where torch gives NaN (an all-ignored mean): equal there.
+assert_close = functools.partial(_assert_close, equal_nan=True)
 
 
 def shapes_for(backend, dtype=torch.float32):
@@ -37,18 +42,6 @@ def make(n, v, dtype, seed=0, ignore_every=5, requires_grad=True):
     if ignore_every:
         t[1::ignore_every] = -100  # never row 0: one row stays valid
     return x, t
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    tol = TOLERANCES[dtype]
-    torch.testing.assert_close(
-        actual, expected, atol=tol["atol"] * scale, rtol=tol["rtol"] * scale, equal_nan=True
-    )
-
-
-def reduction_scale(terms):
-    """A sum of ``terms`` values, added in another order: rounding error grows like sqrt(terms)."""
-    return max(4.0, terms**0.5)
 
 
 def check(n, v, dtype, reduction, smoothing, backend, seed=0):
@@ -325,11 +318,7 @@ BAD_CALLS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_CALLS))
-def test_cpp_input_checks(case):
-    call, message = BAD_CALLS[case]
-    with _cpu.use_isa(_cpu.supported_isas()[-1]), pytest.raises(RuntimeError, match=message):
-        call()
+test_cpp_input_checks = cpp_input_checks(BAD_CALLS)
 
 
 def test_functional_argument_errors():

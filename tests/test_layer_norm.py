@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import TOLERANCES, run_on
+from conftest import assert_close, cpp_input_checks, reduction_scale, run_on
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,17 +34,6 @@ def make(shape, dtype, seed=0, requires_grad=True):
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(shape, generator=g, dtype=torch.float32) * 2 + 0.5
     return t.to(dtype).requires_grad_(requires_grad)
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    tol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual, expected, atol=tol["atol"] * scale, rtol=tol["rtol"] * scale)
-
-
-def reduction_scale(terms):
-    """Tolerance factor for a sum of ``terms`` values: summed in a different order, its rounding
-    error grows like sqrt(terms) (at least 4x the elementwise tolerance)."""
-    return max(4.0, terms**0.5)
 
 
 def grads(out, inputs, grad_out):
@@ -323,11 +312,7 @@ BAD_CALLS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_CALLS))
-def test_cpp_input_checks(case):
-    call, message = BAD_CALLS[case]
-    with _cpu.use_isa(_cpu.supported_isas()[-1]), pytest.raises(RuntimeError, match=message):
-        call()
+test_cpp_input_checks = cpp_input_checks(BAD_CALLS)
 
 
 def test_functional_argument_errors():

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import hf_gpt2
 
 import fastgpt
 from fastgpt import GPT, GPTConfig
@@ -19,34 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=97)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tests' models are tiny; on a busy machine OpenMP threads waiting on each other cost
-    # far more than they bring.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def hf_model(seed=0, **kw):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        n_layer=2,
-        n_head=4,
-        n_embd=64,
-        n_positions=64,
-        vocab_size=97,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        **kw,
-    )
-    return GPT2LMHeadModel(cfg)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def shifted(idx):
@@ -58,7 +32,7 @@ CONV1D = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
 
 
 def test_from_hf_matches_transformers_logits_loss_and_every_gradient():
-    hf = hf_model()
+    hf = hf_gpt2()
     model = GPT.from_hf(hf)
     idx = torch.randint(0, 97, (3, 41))
     out = hf(idx, labels=idx)
@@ -79,7 +53,7 @@ def test_from_hf_matches_transformers_logits_loss_and_every_gradient():
 
 
 def test_from_hf_state_dict_and_prefixless_keys():
-    hf = hf_model()
+    hf = hf_gpt2()
     a = GPT.from_hf(hf)
     b = GPT.from_hf(hf.state_dict(), config=a.config)
     c = GPT.from_hf(hf.transformer.state_dict())  # GPT2Model keys, no "transformer." prefix
@@ -96,9 +70,9 @@ def test_config_presets_and_checks():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=65, n_head=4)
     with pytest.raises(ValueError, match="n_inner"):
-        GPT.from_hf(hf_model(n_inner=100))
+        GPT.from_hf(hf_gpt2(n_inner=100))
     with pytest.raises(ValueError, match="activation"):
-        GPT.from_hf(hf_model(activation_function="relu"))
+        GPT.from_hf(hf_gpt2(activation_function="relu"))
 
 
 def test_param_count_and_buffers():
@@ -179,7 +153,7 @@ def test_generate_sampling_options():
 
 
 def test_generate_matches_transformers_greedy():
-    hf = hf_model().eval()
+    hf = hf_gpt2().eval()
     model = GPT.from_hf(hf)
     idx = torch.randint(1, 97, (1, 6))
     theirs = hf.generate(idx, max_new_tokens=12, do_sample=False, pad_token_id=0)
@@ -234,7 +208,7 @@ def hf_cache(tmp_path, hf, name="openai-community/gpt2"):
 
 
 def test_from_pretrained_hf_cache_and_safetensors_file(tmp_path, monkeypatch):
-    hf = hf_model()
+    hf = hf_gpt2()
     snap = hf_cache(tmp_path, hf)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
@@ -296,11 +270,11 @@ def test_mismatched_checkpoints_give_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="missing: transformer.h.2"):
         GPT.load(tmp_path)
-    sd = hf_model().state_dict()
+    sd = hf_gpt2().state_dict()
     sd["transformer.h.0.attn.c_attn.weight"] = torch.zeros(64, 10)
     with pytest.raises(ValueError, match="c_attn.weight: checkpoint \\[10, 64\\]"):
         GPT.from_hf(sd)
-    sd = hf_model().state_dict()
+    sd = hf_gpt2().state_dict()
     sd["lm_head.weight"] = sd["lm_head.weight"].clone() + 1  # untied head
     with pytest.raises(ValueError, match="ties"):
         GPT.from_hf(sd)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from conftest import hf_gpt2
 
 import fastgpt
 import fastgpt.nn as fnn
@@ -19,32 +20,7 @@ from nanogpt_style import TinyGPT  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def hf_gpt2(**kw):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=2,
-        n_head=4,
-        n_embd=64,
-        n_positions=64,
-        vocab_size=97,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        **kw,
-    )
-    return GPT2LMHeadModel(cfg)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_same_grads(a: nn.Module, b: nn.Module):

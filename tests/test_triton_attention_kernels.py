@@ -8,43 +8,15 @@ interpreter path (so T = 17, 100, 130 cross block and diagonal boundaries): the 
 reduced cross-product, with B·H = 2.
 """
 
-import importlib.util
-import os
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_interpreted
 
-# Set before anything imports triton (see tests/test_triton_layer_norm_kernels.py).
-_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+from fastgpt import reference
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from fastgpt import reference  # noqa: E402
-
-
-def _load_interpreted_module():
-    # A private copy, so the kernels are interpreted even if another test imported the module
-    # with compiled kernels (a GPU run).
-    origin = importlib.util.find_spec("fastgpt.triton.attention").origin
-    spec = importlib.util.spec_from_file_location("_attention_interpreted", origin)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-try:
-    pytest.importorskip("triton")
-    attn = _load_interpreted_module()
-finally:
-    if _SAVED_INTERPRET is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+attn = load_interpreted("fastgpt.triton.attention")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

@@ -5,45 +5,13 @@ The interpreter runs each program in Python, one after another, so the cases are
 cross-product: every N, dtype and flag combination appears, not every combination of them.
 """
 
-import importlib.util
-import os
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_interpreted
 
-# Set before anything imports triton: kernels are interpreter objects only if this is set when
-# their @triton.jit runs (tests/conftest.py sets it too, except for GPU runs).
-_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-
-def _load_interpreted_module():
-    # A private copy of the module, so its kernels are interpreted even if another test already
-    # imported fastgpt.triton.layer_norm with compiled kernels (a GPU run).
-    origin = importlib.util.find_spec("fastgpt.triton.layer_norm").origin
-    spec = importlib.util.spec_from_file_location("_layer_norm_interpreted", origin)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-try:
-    pytest.importorskip("triton")
-    ln = _load_interpreted_module()
-finally:
-    # Leave the environment as found: on a GPU run (FASTGPT_TEST_GPU=1) the kernels other tests
-    # import later must compile for the device. The fixture below sets it again while these
-    # tests run, as the interpreter reads it during execution too.
-    if _SAVED_INTERPRET is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+ln = load_interpreted("fastgpt.triton.layer_norm")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 EPS = 1e-5

@@ -492,6 +492,55 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _bwd_tile(
+    a,
+    b,
+    c,
+    d,
+    lse2,
+    q_idx,
+    k_idx,
+    Tq,
+    Tk,
+    qk_scale,
+    seed,
+    offset,
+    bh,
+    dropout_p,
+    drop_scale,
+    IS_CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    MASK_Q: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # The tile both backward kernels recompute: S = a·bᵀ, P = exp(S - lse), dP = c·dᵀ, returned
+    # as (P, P with dropout applied (for dV), dP with dropout applied); dS = P·(dP - Δ) is left
+    # to the caller, which orders it around its own products. The dQ kernel passes (q, k, do, v)
+    # and query-major indices ([M, 1] and [1, N]); the dK/dV kernel passes (k, q, v, do) and the
+    # transpose. lse2 (lse·log2 e) arrives broadcast like q_idx. MASK_Q: zero the query rows past
+    # Tq too (dK/dV sums over them; dQ never stores them).
+    s = _dot(a, tl.trans(b), DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(s - lse2)
+    if MASKED:
+        # where, not a multiply: a row that sees nothing has lse = -inf and p = inf there.
+        keep = k_idx < Tk
+        if MASK_Q:
+            keep = (q_idx < Tq) & keep
+        if IS_CAUSAL:
+            keep = keep & (k_idx <= q_idx + (Tk - Tq))
+        p = tl.where(keep, p, 0.0)
+    dp = _dot(c, tl.trans(d), DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep_d = _dropout_keep(seed, offset, bh, q_idx, k_idx, Tq, Tk, dropout_p)
+        pz = tl.where(keep_d, p * drop_scale, 0.0)
+        dp = tl.where(keep_d, dp * drop_scale, 0.0)
+    else:
+        pz = p
+    return p, pz, dp
+
+
+@triton.jit
 def _bwd_dkdv_inner(
     dk,
     dv,
@@ -533,23 +582,28 @@ def _bwd_dkdv_inner(
         else:
             lse = tl.load(Lse_bh + offs_m)
             delta = tl.load(Delta_bh + offs_m)
-        s_t = _dot(k, tl.trans(q), DOT_PRECISION) * qk_scale
-        p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)
-        if MASKED:
-            # where, not a multiply: a row that sees nothing has lse = -inf and p = inf there.
-            keep = (offs_m[None, :] < Tq) & (offs_n[:, None] < Tk)
-            if IS_CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :] + (Tk - Tq))
-            p_t = tl.where(keep, p_t, 0.0)
-        dp_t = _dot(v, tl.trans(do), DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep_d = _dropout_keep(
-                seed, offset, bh, offs_m[None, :], offs_n[:, None], Tq, Tk, dropout_p
-            )
-            pz_t = tl.where(keep_d, p_t * drop_scale, 0.0)
-            dp_t = tl.where(keep_d, dp_t * drop_scale, 0.0)
-        else:
-            pz_t = p_t
+        p_t, pz_t, dp_t = _bwd_tile(
+            k,
+            q,
+            v,
+            do,
+            lse[None, :] * 1.4426950408889634,
+            offs_m[None, :],
+            offs_n[:, None],
+            Tq,
+            Tk,
+            qk_scale,
+            seed,
+            offset,
+            bh,
+            dropout_p,
+            drop_scale,
+            IS_CAUSAL,
+            MASKED,
+            True,
+            HAS_DROPOUT,
+            DOT_PRECISION,
+        )
         dv += _dot(pz_t.to(do.dtype), do, DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
@@ -739,19 +793,28 @@ def _bwd_dq_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_bh, offs_n, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
         v = _load_rows(V_bh, offs_n, offs_d, Tk, HEAD_DIM, MASKED, BLOCK_D != HEAD_DIM)
-        s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        if MASKED:
-            keep = offs_n[None, :] < Tk
-            if IS_CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
-            p = tl.where(keep, p, 0.0)
-        dp = _dot(do, tl.trans(v), DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep_d = _dropout_keep(
-                seed, offset, bh, offs_m[:, None], offs_n[None, :], Tq, Tk, dropout_p
-            )
-            dp = tl.where(keep_d, dp * drop_scale, 0.0)
+        p, _, dp = _bwd_tile(
+            q,
+            k,
+            do,
+            v,
+            lse2[:, None],
+            offs_m[:, None],
+            offs_n[None, :],
+            Tq,
+            Tk,
+            qk_scale,
+            seed,
+            offset,
+            bh,
+            dropout_p,
+            drop_scale,
+            IS_CAUSAL,
+            MASKED,
+            False,
+            HAS_DROPOUT,
+            DOT_PRECISION,
+        )
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, DOT_PRECISION)
     return dq

@@ -31,8 +31,7 @@ def selftest() -> dict:
 def build(spec):
     """(model, loss function, generate function, backend context) for one contender:
     fastgpt | reference | transformers | transformers-eager-attn | transformers+patch, and
-    fastgpt+compile /
-    transformers+compile (training only)."""
+    fastgpt+compile / transformers+compile (training only)."""
     import fastgpt
     from fastgpt import GPT, GPTConfig
 

@@ -1,13 +1,25 @@
-"""Shared set-up for the pytest-benchmark suites.
+"""Shared set-up for the pytest-benchmark suites: one convention for every op.
 
-Every contender of a run runs under the same settings, stated in each result's extra_info and
-in the run header: torch's thread count, the allocator settings (THP_MEM_ALLOC_ENABLE as set in
-the environment, glibc's defaults otherwise; peak memory is measured as fastgpt/profiling.py
-explains), and one warm-up round.
+Every case is a pytest-benchmark group ``<op>-<shape>-<dtype>-<mode>`` (modes ``fwd`` and
+``fwd+bwd``) holding one result per contender, built by fastgpt/bench_cases.py, the same builders
+``fastgpt bench`` uses. Every contender runs under the same settings, stated in the run header,
+in each result's extra_info and in the saved JSON's machine_info:
+
+* torch's thread count (``FASTGPT_BENCH_THREADS`` sets it; torch's default otherwise);
+* the allocator: ``THP_MEM_ALLOC_ENABLE`` as set in the environment (it must be set before torch
+  allocates, so it is not switched here), glibc malloc's defaults otherwise;
+* one untimed call (compilation for torch.compile), then one warm-up round, then the timed rounds;
+  peak memory is measured after the timing (fastgpt/profiling.py explains how and why).
 
     python -m pytest benchmarks/ --benchmark-only                      # the default allocator
     THP_MEM_ALLOC_ENABLE=1 python -m pytest benchmarks/ --benchmark-only
+
+Under ``--benchmark-disable`` (CI's smoke run) every case runs once, and cases marked ``big``
+(more than ~10 s a call on a 2-core CPU; the same code runs at the op's smaller shapes) are
+skipped, with that reason.
 """
+
+import os
 
 import pytest
 import torch
@@ -15,38 +27,68 @@ import torch
 from fastgpt import bench_cases, profiling
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMOKE_SKIP_BIG = (
+    "big shape, skipped by the smoke run (--benchmark-disable): the same code runs at this op's "
+    "smaller shapes; time it with --benchmark-only"
+)
+
+
+def settings() -> dict:
+    return {
+        "device": DEVICE,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "allocator": profiling.allocator_settings(),
+    }
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "big: a shape the smoke run (--benchmark-disable) skips")
+    if os.environ.get("FASTGPT_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["FASTGPT_BENCH_THREADS"]))
 
 
 def pytest_report_header(config):
+    s = settings()
     return (
-        f"fastgpt benchmarks on {DEVICE}: torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {profiling.allocator_settings()}"
+        f"fastgpt benchmarks on {s['device']}: torch {s['torch']}, {s['threads']} threads, "
+        f"{s['allocator']}"
     )
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    # Saved with every run, so a comparison across runs shows when the settings differed.
+    machine_info["fastgpt_settings"] = settings()
+
+
 @pytest.fixture
-def run_case(benchmark):
+def run_case(benchmark, request):
     """run_case(op, shape, dtype, mode, contender): time one contender of one case."""
 
     def run(op, shape, dtype, mode, contender, rounds=5):
+        if benchmark.disabled and request.node.get_closest_marker("big"):
+            pytest.skip(SMOKE_SKIP_BIG)
         case = bench_cases.make_case(op, shape, dtype, mode, DEVICE, contenders=(contender,))
+        if contender in case.skipped:
+            pytest.skip(case.skipped[contender])
         fn = case.calls[contender]
-        fn()  # warm-up (and compilation for torch.compile) outside the measurement
-        peak = profiling.peak_bytes(fn, DEVICE)
         benchmark.group = case.name
-        benchmark.extra_info.update(
-            contender=contender,
-            peak_mb=round(peak / 2**20, 2),
-            flops=case.flops,
-            bytes=case.bytes,
-            threads=torch.get_num_threads(),
-            allocator=profiling.allocator_settings(),
-        )
+        benchmark.extra_info.update(contender=contender, flops=case.flops, bytes=case.bytes)
+        benchmark.extra_info.update(settings())
+        if benchmark.disabled:  # smoke run: one call, nothing measured
+            benchmark.pedantic(fn, rounds=1, iterations=1)
+            return case
+        fn()  # compilation (torch.compile), lazy initialisation
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
-        mean = benchmark.stats.stats.mean if benchmark.stats else None
-        if mean:  # None under --benchmark-disable
-            benchmark.extra_info["gflops"] = round(case.flops / mean / 1e9, 2)
-            benchmark.extra_info["gbps"] = round(case.bytes / mean / 1e9, 2)
+        # After the timing: the meter hands glibc's free pages back to the OS, which would make
+        # the timed calls that followed it page-fault more than they do in a loop.
+        peak = profiling.peak_bytes(fn, DEVICE)
+        mean = benchmark.stats.stats.mean
+        benchmark.extra_info.update(
+            peak_mb=round(peak / 2**20, 2),
+            gflops=round(case.flops / mean / 1e9, 2),
+            gbps=round(case.bytes / mean / 1e9, 2),
+        )
         return case
 
     return run

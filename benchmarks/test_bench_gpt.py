@@ -7,13 +7,15 @@
 Training: GPT-2 124M (fp32, batch 4 x 512 tokens), forward + backward + AdamW step, tokens/s for
 fastgpt's GPT, the same GPT on the reference backend (``fastgpt.use_backend("reference")``),
 transformers' ``GPT2LMHeadModel`` (eager PyTorch, its default sdpa attention), the same with
-``attn_implementation="eager"`` (transformers' own name for its masked-softmax attention) and
-the sdpa model after ``fastgpt.patch``. Generation: greedy, KV cache, fastgpt's ``generate``
-vs transformers'.
+``attn_implementation="eager"`` (transformers' own name for its masked-softmax attention), the
+sdpa model after ``fastgpt.patch``, and fastgpt's GPT and transformers' (sdpa) model under
+``torch.compile`` (compiled in the warm-up step, which is not timed). Generation: greedy, KV
+cache, fastgpt's ``generate`` vs transformers'.
 
 Each contender runs in its own process (benchmarks/gpt_worker.py), so its peak resident memory
-(VmHWM after a clear_refs reset; ``test_peak_memory_method_sees_a_known_allocation`` shows the
-method sees a known allocation) is its own. Time is measured inside the worker (median step);
+(fastgpt.profiling.ResidentPeak, the method of every suite, which
+``test_peak_memory_method_sees_a_known_allocation`` checks) is its own, and measured after the
+timed steps. Time is measured inside the worker (median step);
 ``extra_info`` carries tokens/s, peak MB and the step's growth above the resident baseline
 (weights, optimizer state). The pytest-benchmark time of a case is the worker's wall time, startup
 included: read the extra_info and the printed table, not that column.
@@ -107,9 +109,22 @@ def bench(benchmark, mode, contender):
 
 @pytest.mark.parametrize(
     "contender",
-    ["fastgpt", "reference", "transformers", "transformers-eager-attn", "transformers+patch"],
+    [
+        "fastgpt",
+        "reference",
+        "transformers",
+        "transformers-eager-attn",
+        "transformers+patch",
+        "fastgpt+compile",
+        "transformers+compile",
+    ],
 )
 def test_train_step(benchmark, contender):
+    if benchmark.disabled and contender == "transformers+compile":
+        pytest.skip(
+            "smoke run (--benchmark-disable): transformers under torch.compile is torch's code "
+            "path, not fastgpt's (fastgpt+compile covers ours), and costs a minute of compilation"
+        )
     bench(benchmark, "train", contender)
 
 

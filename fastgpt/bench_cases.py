@@ -4,11 +4,15 @@ A case is one (op, shape, dtype, mode) with one callable per contender:
   fastgpt  - the fastgpt function on the present device's default backend
   eager    - the same computation in plain torch (torch.nn.functional, eager)
   compile  - the eager function under torch.compile
-  (naive   - for attention, the masked-softmax module people write by hand)
+  naive    - attention only: the masked-softmax module people write by hand
+  torch, torch_chunked - linear_cross_entropy only: torch's own F.linear_cross_entropy, its
+             default (unchunked) and chunked paths
 Modes: "fwd" (under no_grad) and "fwd+bwd" (forward, then torch.autograd.grad of every input).
-Each op adds a builder with ``@case_builder(op)``; a builder makes the inputs once and returns
-the contenders' forward functions plus the FLOPs and bytes one forward moves, so reports can give
-GFLOP/s and GB/s.
+Each op adds a builder with ``@case_builder(op, contenders)``; a builder makes the inputs once and
+returns a ``Built``: the contenders' forward functions plus the FLOPs and bytes the computation
+needs at the least (the same for every contender, so GFLOP/s and GB/s compare like for like).
+A contender that cannot run at a shape (the naive attention's T x T scores at long T) is named
+in ``Built.skip`` with the reason, which the suites and ``fastgpt bench`` print.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Case:
     mode: str
     device: str
     calls: dict[str, Callable[[], object]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # contender -> why it did not run
     flops: float = 0.0  # of the whole call (forward, or forward+backward)
     bytes: float = 0.0
 
@@ -42,12 +47,30 @@ class Case:
         return f"{self.op}-{'x'.join(map(str, self.shape))}-{dt}-{self.mode}"
 
 
-_BUILDERS: dict[str, Callable] = {}
+@dataclass
+class Built:
+    """What a builder returns: inputs (tensors needing grad are differentiated in fwd+bwd),
+    forward functions of those inputs per contender, and the cost of one forward."""
+
+    inputs: tuple
+    forwards: dict[str, Callable]
+    flops: float
+    bytes: float
+    # The backward's cost; None: twice the forward's (a common rule of thumb).
+    bwd_flops: float | None = None
+    bwd_bytes: float | None = None
+    skip: dict[str, str] = field(default_factory=dict)
 
 
-def case_builder(op: str):
+_BUILDERS: dict[str, Callable[..., Built]] = {}
+_CONTENDERS: dict[str, tuple[str, ...]] = {}
+DEFAULT_CONTENDERS = ("fastgpt", "eager", "compile")
+
+
+def case_builder(op: str, contenders: tuple[str, ...] = DEFAULT_CONTENDERS):
     def register(fn):
         _BUILDERS[op] = fn
+        _CONTENDERS[op] = contenders
         return fn
 
     return register
@@ -57,33 +80,37 @@ def ops() -> list[str]:
     return list(_BUILDERS)
 
 
+def contenders(op: str) -> tuple[str, ...]:
+    return _CONTENDERS[op]
+
+
 @functools.cache
 def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def make_case(op, shape, dtype, mode, device="cpu", contenders=("fastgpt", "eager", "compile")):
-    """Build a Case whose ``calls`` run each contender once."""
+def make_case(op, shape, dtype, mode, device="cpu", contenders=None):
+    """Build a Case whose ``calls`` run each contender once (all of the op's by default)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
-    inputs, grads_for, forwards, fwd_flops, fwd_bytes = _BUILDERS[op](shape, dtype, device)
+    built = _BUILDERS[op](tuple(shape), dtype, device)
     case = Case(op, tuple(shape), dtype, mode, device)
-    # The backward reads and writes about twice what the forward does (a common rule of thumb;
-    # exact counts live in each kernel's docstring).
-    case.flops = fwd_flops * (3 if mode == "fwd+bwd" else 1)
-    case.bytes = fwd_bytes * (3 if mode == "fwd+bwd" else 1)
-    for name in contenders:
-        if name == "compile":
-            fwd = _compiled(forwards["eager"])
-        elif name in forwards:
-            fwd = forwards[name]
-        else:
-            continue
-        case.calls[name] = _runner(fwd, inputs, grads_for, mode)
+    case.flops, case.bytes = built.flops, built.bytes
+    if mode == "fwd+bwd":
+        case.flops += 2 * built.flops if built.bwd_flops is None else built.bwd_flops
+        case.bytes += 2 * built.bytes if built.bwd_bytes is None else built.bwd_bytes
+    for name in _CONTENDERS[op] if contenders is None else contenders:
+        if name in built.skip:
+            case.skipped[name] = built.skip[name]
+        elif name == "compile":
+            fwd = _compiled(built.forwards["eager"])
+            case.calls[name] = _runner(fwd, built.inputs, mode)
+        elif name in built.forwards:
+            case.calls[name] = _runner(built.forwards[name], built.inputs, mode)
     return case
 
 
-def _runner(fwd, inputs, grads_for, mode):
+def _runner(fwd, inputs, mode):
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     if mode == "fwd":
 
@@ -97,24 +124,31 @@ def _runner(fwd, inputs, grads_for, mode):
     def run_fwd_bwd():
         outs = fwd(*inputs)
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-        if not grads_cache:
-            grads_cache.extend(grads_for(outs))
+        if not grads_cache:  # made once, outside later timings' first call
+            grads_cache.extend(_like(outs))
         return torch.autograd.grad(outs, leaves, grads_cache)
 
     return run_fwd_bwd
 
 
-def _randn(shape, dtype, device, grad=True, seed=0):
+def _randn(shape, dtype, device, grad=True, seed=0, scale=1.0):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    t = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
     return t.requires_grad_(grad)
 
 
 def _like(outs: Sequence[torch.Tensor]):
-    return [torch.randn_like(o) for o in outs]
+    """Upstream gradients, seeded: every contender differentiates against the same ones."""
+    return [_randn(o.shape, o.dtype, o.device, grad=False, seed=7 + i) for i, o in enumerate(outs)]
+
+
+def _targets(n, v, device, seed=5):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, v, (n,), generator=g).to(device)
 
 
 # ---- LayerNorm ------------------------------------------------------------------------------
+# Bytes: read x (and r), write y (and the sum); the backward reads x and dy and writes dx.
 
 
 @case_builder("layer_norm")
@@ -130,7 +164,7 @@ def _layer_norm(shape, dtype, device):
         "eager": lambda x, w, b: TF.layer_norm(x, (n,), w, b),
     }
     elt = x.element_size()
-    return (x, w, b), _like, forwards, 8.0 * m * n, 2.0 * m * n * elt
+    return Built((x, w, b), forwards, 8.0 * m * n, 2.0 * m * n * elt, bwd_bytes=3.0 * m * n * elt)
 
 
 @case_builder("add_layer_norm")
@@ -148,7 +182,128 @@ def _add_layer_norm(shape, dtype, device):
         "eager": eager,
     }
     elt = x.element_size()
-    return (x, r, w, b), _like, forwards, 9.0 * m * n, 4.0 * m * n * elt
+    return Built(
+        (x, r, w, b), forwards, 9.0 * m * n, 4.0 * m * n * elt, bwd_bytes=4.0 * m * n * elt
+    )
+
+
+# ---- GELU -----------------------------------------------------------------------------------
+# Elementwise: the forward reads x and writes y; the backward reads x and dy and writes dx.
+# FLOPs are nominal (about 10 per element for either formula), for a rate to compare only.
+
+
+def _gelu_builder(approximate, bias):
+    torch_approx = "tanh" if approximate == "tanh" else "none"
+
+    def build(shape, dtype, device):
+        m, n = shape
+        x, b = _randn((m, n), dtype, device), _randn(n, dtype, device, seed=1, grad=bias)
+        if bias:
+            forwards = {
+                "fastgpt": lambda x, b: F.bias_gelu(x, b, torch_approx),
+                "eager": lambda x, b: TF.gelu(x + b, approximate=torch_approx),
+            }
+        else:
+            forwards = {
+                "fastgpt": lambda x, b: F.gelu(x, torch_approx),
+                "eager": lambda x, b: TF.gelu(x, approximate=torch_approx),
+            }
+        elt = x.element_size()
+        return Built(
+            (x, b), forwards, 10.0 * m * n, 2.0 * m * n * elt, 10.0 * m * n, 3.0 * m * n * elt
+        )
+
+    return build
+
+
+for _approx in ("tanh", "erf"):
+    case_builder(f"gelu_{_approx}")(_gelu_builder(_approx, bias=False))
+    case_builder(f"bias_gelu_{_approx}")(_gelu_builder(_approx, bias=True))
+
+
+# ---- cross-entropy --------------------------------------------------------------------------
+# shape (N, V). Least traffic: read the logits once; the backward writes their gradient.
+
+
+@case_builder("cross_entropy")
+def _cross_entropy(shape, dtype, device):
+    n, v = shape
+    x, t = _randn((n, v), dtype, device), _targets(n, v, device)
+    forwards = {
+        "fastgpt": lambda x, t: F.cross_entropy(x, t),
+        "eager": lambda x, t: TF.cross_entropy(x, t),
+    }
+    nv_bytes = float(n * v * x.element_size())
+    return Built((x, t), forwards, 4.0 * n * v, nv_bytes, 3.0 * n * v, nv_bytes)
+
+
+# ---- linear + cross-entropy -----------------------------------------------------------------
+# shape (N, C, V): hidden states (N, C), head weight (V, C). FLOPs: the (N, C) x (C, V) product
+# forward, two more backward (dx, dW); bytes: read x and W, the backward writes dx and dW.
+
+
+@case_builder("linear_cross_entropy", DEFAULT_CONTENDERS + ("torch", "torch_chunked"))
+def _linear_cross_entropy(shape, dtype, device):
+    n, c, v = shape
+    x = _randn((n, c), dtype, device)
+    w = _randn((v, c), dtype, device, seed=1, scale=c**-0.5)
+    t = _targets(n, v, device)
+    chunked = torch.nn.LinearCrossEntropyOptions()
+    forwards = {
+        "fastgpt": lambda x, w, t: F.linear_cross_entropy(x, w, t),
+        "eager": lambda x, w, t: TF.cross_entropy(x @ w.T, t),
+        "torch": lambda x, w, t: TF.linear_cross_entropy(x, w, t),
+        "torch_chunked": lambda x, w, t: TF.linear_cross_entropy(x, w, t, options=chunked),
+    }
+    elt = x.element_size()
+    return Built((x, w, t), forwards, 2.0 * n * c * v, float((n * c + v * c) * elt))
+
+
+# ---- attention ------------------------------------------------------------------------------
+# shape (B, H, Tq, Tk, D), causal; Tq == Tk (training) or Tq == 1 (a decode step against a
+# cache of Tk keys). FLOPs: QK^T and PV, halved by the causal mask at Tq == Tk; the backward
+# does 2.5 times the forward's (five matmuls to two). Bytes: read q, k, v, write o; the
+# backward reads those and dO and writes dq, dk, dv.
+
+# The naive module keeps about eight (B, H, Tq, Tk) fp32 tensors alive in fwd+bwd (scores,
+# mask, softmax, and their gradients); past this many GB it is not run (8 GB at T=4096, H=12).
+NAIVE_MAX_GB = 4.0
+
+
+def naive_attention(q, k, v):
+    """Causal attention as written by hand: the full (Tq, Tk) score matrix, masked, softmaxed."""
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    keep = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+    return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+@case_builder("attention", DEFAULT_CONTENDERS + ("naive",))
+def _attention(shape, dtype, device):
+    b, h, tq, tk, d = shape
+    if tq not in (1, tk):
+        raise ValueError("attention cases are Tq == Tk (training) or Tq == 1 (decode)")
+    q = _randn((b, h, tq, d), dtype, device)
+    k = _randn((b, h, tk, d), dtype, device, seed=1)
+    v = _randn((b, h, tk, d), dtype, device, seed=2)
+    # torch's is_causal is top-left aligned; a single query against a cache sees every key.
+    torch_causal = tq == tk
+    forwards = {
+        "fastgpt": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "eager": lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=torch_causal),
+        "naive": naive_attention,
+    }
+    skip = {}
+    naive_gb = 8 * b * h * tq * tk * 4 / 1e9
+    if naive_gb > NAIVE_MAX_GB:
+        skip["naive"] = (
+            f"naive attention would hold ~{naive_gb:.0f} GB of (B, H, Tq, Tk) scores and their "
+            f"gradients at this shape (limit {NAIVE_MAX_GB:.0f} GB)"
+        )
+    elt = q.element_size()
+    flops = 4.0 * b * h * tq * tk * d * (0.5 if torch_causal else 1.0)
+    io = float((2 * b * h * tq * d + 2 * b * h * tk * d) * elt)
+    return Built((q, k, v), forwards, flops, io, 2.5 * flops, 2.0 * io, skip)
 
 
 # ---- sweeps for `fastgpt bench --plot` ------------------------------------------------------
@@ -159,10 +314,11 @@ class Sweep:
     op: str
     x_label: str
     points: list[tuple[int, tuple[int, ...]]]  # (x value, case shape)
+    metric_label: str
+    metric: Callable[[Case, float], float]  # of the case and its median seconds
+    log_y: bool = False
     dtype: torch.dtype = torch.float32
     mode: str = "fwd+bwd"
-    metric_label: str = "GB/s"
-    metric: Callable[[Case, float], float] = lambda case, t: case.bytes / t / 1e9
 
 
 _SWEEPS: list[Sweep] = []
@@ -174,3 +330,25 @@ def add_sweep(sweep: Sweep) -> None:
 
 def sweeps() -> list[Sweep]:
     return list(_SWEEPS)
+
+
+# Sizes keep `fastgpt bench --plot` to a few minutes on a 2-core CPU.
+add_sweep(
+    Sweep(
+        "attention",
+        "sequence length T (B=1, H=12, D=64, causal)",
+        [(t, (1, 12, t, t, 64)) for t in (128, 256, 512, 1024, 2048, 4096)],
+        "GFLOP/s (causal attention FLOPs / time)",
+        lambda case, t: case.flops / t / 1e9,
+    )
+)
+add_sweep(
+    Sweep(
+        "cross_entropy",
+        "vocabulary size V (N=1024 rows)",
+        [(v, (1024, v)) for v in (8192, 16384, 32768, 50257, 128256)],
+        "time per call (ms)",
+        lambda case, t: t * 1e3,
+        log_y=True,
+    )
+)

@@ -10,8 +10,12 @@ allocations from it, and both are handled:
 * ``ru_maxrss`` is inherited across fork/exec, so it is never used.
 
 ``peak_bytes(fn)`` is then the call's peak resident memory above what was resident before it:
-its outputs plus every temporary, page-touched. tests/test_profiling.py checks it sees a known
-allocation. Timing is left with glibc's default behaviour (freed memory reused), as users run.
+its outputs plus every temporary, page-touched; ``ResidentPeak`` is the same meter around a block
+(benchmarks/gpt_worker.py wraps a training step in it). tests/test_profiling.py checks it sees a
+known allocation. This is the project's one method: in-process, so it measures the call as the
+benchmark times it (same warm caches, same compiled graph), with no fresh interpreter whose
+import-time allocations would have to be told apart from the call's. Timing is left with
+glibc's default behaviour (freed memory reused), as users run, and peaks are taken after it.
 On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
 """
 
@@ -45,6 +49,27 @@ def cpu_peak_supported() -> bool:
     return os.path.exists("/proc/self/clear_refs") and os.access("/proc/self/clear_refs", os.W_OK)
 
 
+class ResidentPeak:
+    """``with ResidentPeak() as p: ...`` then ``p.base`` / ``p.peak``: resident bytes just before
+    the block (after handing free pages back) and at its high-water mark (CPU, Linux)."""
+
+    def __enter__(self) -> ResidentPeak:
+        gc.collect()
+        _trim_malloc()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        self.base = _status_kib("VmRSS") * 1024
+        self.peak = self.base
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak = _status_kib("VmHWM") * 1024
+
+    @property
+    def added(self) -> int:
+        return max(0, self.peak - self.base)
+
+
 def peak_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     """Peak memory of one call of ``fn`` above what was in use before it, in bytes."""
     gc.collect()
@@ -57,14 +82,10 @@ def peak_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
         peak = torch.cuda.max_memory_allocated() - base
         del out
         return peak
-    _trim_malloc()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
-    out = fn()
-    peak = _status_kib("VmHWM") - base
+    with ResidentPeak() as p:
+        out = fn()
     del out
-    return max(0, peak) * 1024
+    return p.added
 
 
 def time_call(fn: Callable[[], object], device: str = "cpu", repeat: int = 5, warmup: int = 2):

@@ -46,3 +46,10 @@ def test_memory_freed_before_is_not_reused_silently():
 
 def test_time_call_is_positive():
     assert profiling.time_call(lambda: torch.ones(10).sum(), repeat=3, warmup=1) > 0
+
+
+def test_resident_peak_around_a_block():
+    with profiling.ResidentPeak() as p:
+        t = torch.ones(100 * MB // 4)
+        del t
+    assert p.base > 0 and 99 * MB <= p.added <= 110 * MB, (p.base, p.peak)

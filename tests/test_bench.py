@@ -1,0 +1,79 @@
+"""fastgpt bench and its case builders, on tiny shapes (no timing is asserted)."""
+
+import pytest
+import torch
+
+from fastgpt import bench, bench_cases
+
+TINY = {
+    "layer_norm": (16, 32),
+    "add_layer_norm": (16, 32),
+    "gelu_tanh": (16, 32),
+    "gelu_erf": (16, 32),
+    "bias_gelu_tanh": (16, 32),
+    "bias_gelu_erf": (16, 32),
+    "cross_entropy": (16, 50),
+    "linear_cross_entropy": (16, 32, 50),
+    "attention": (2, 3, 16, 16, 8),
+}
+
+
+def test_every_op_has_a_tiny_case():
+    assert sorted(TINY) == sorted(bench_cases.ops())
+
+
+@pytest.mark.parametrize("mode", bench_cases.MODES)
+@pytest.mark.parametrize("op", sorted(TINY))
+def test_contenders_compute_the_same_thing(op, mode):
+    """Every contender of a case (but compile, torch's own) gives fastgpt's result, so the
+    benchmarks compare like with like."""
+    others = [c for c in bench_cases.contenders(op) if c != "compile"]
+    case = bench_cases.make_case(op, TINY[op], torch.float32, mode, contenders=others)
+    assert set(case.calls) == set(others) and not case.skipped
+    want = case.calls["fastgpt"]()
+    for name in others:
+        got = case.calls[name]()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{op} {name}")
+    assert case.flops > 0 and case.bytes > 0
+
+
+def test_naive_attention_is_skipped_with_a_reason_past_its_memory_limit():
+    # (1, 12, 8192, 8192) scores: 3.2 GB per tensor, about eight of them in fwd+bwd.
+    case = bench_cases.make_case(
+        "attention", (1, 12, 8192, 8192, 64), torch.float32, "fwd", "cpu", contenders=("naive",)
+    )
+    assert not case.calls and "GB" in case.skipped["naive"]
+
+
+def test_table_states_ratios_and_skips(monkeypatch):
+    monkeypatch.setattr(bench_cases, "NAIVE_MAX_GB", 0.0)
+    plan = [("attention", TINY["attention"], [torch.float32], ["fwd+bwd"])]
+    rows = bench.run_rows(
+        plan, "cpu", repeat=1, contenders=("fastgpt", "eager", "naive"), log=lambda line: None
+    )
+    table = bench.format_table(rows, "cpu")
+    assert "attention-2x3x16x16x8-float32-fwd+bwd" in table
+    assert "eager x" in table and "not run*" in table and "* naive: naive attention" in table
+
+
+def test_plot_draws_the_sweeps(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    tiny = bench_cases.Sweep(
+        "gelu_tanh",
+        "rows",
+        [(8, (8, 32)), (16, (16, 32))],
+        "GB/s",
+        lambda case, t: case.bytes / t / 1e9,
+    )
+    monkeypatch.setattr(bench_cases, "_SWEEPS", [tiny])
+    monkeypatch.setattr(
+        bench_cases, "_CONTENDERS", {**bench_cases._CONTENDERS, "gelu_tanh": ("fastgpt", "eager")}
+    )
+    out = tmp_path / "bench.png"
+    bench.plot(str(out), "cpu", repeat=1, log=lambda line: None)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_op_is_refused_with_the_list():
+    with pytest.raises(SystemExit, match="no op nope; ops: layer_norm"):
+        bench.main(["--ops", "nope"])

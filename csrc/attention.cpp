@@ -11,6 +11,7 @@
 // at::addmm_out on views of the block memory). Splitting K/V only happens when there are too few
 // (batch·head, query block) tasks for the threads (a decode step: Tq = 1, small B·H); the splits'
 // partial (O, m, l) are then combined in a fixed order, so the result stays deterministic.
+// Tq = 1 (a decode step) has its own path without block products: see "decode" below.
 //
 // Backward: Δ = rowsum(dO∘O) first; then tasks of (batch·head, key-block split). A task owns its
 // key blocks, so it writes dK, dV without atomics; it recomputes P = exp(S·scale - lse) for every
@@ -19,7 +20,8 @@
 // partial summed in split order at the end. Deterministic for a given thread count.
 //
 // Dropout: keep(b·h, i, j) comes from a splitmix64 hash of (seed, offset + flat index), so the
-// backward regenerates the forward's mask without storing it.
+// backward regenerates the forward's mask without storing it. The seed arrives as a tensor (see
+// seed_value).
 //
 // bf16/fp16 inputs are widened to fp32 once (O(T·D)) and the results rounded once on the way out;
 // float64 (gradcheck) computes in double.
@@ -33,6 +35,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 
 namespace fastgpt {
 namespace {
@@ -267,6 +270,209 @@ inline void finish_row(acc* out, acc m, acc l, int64_t D, acc keep_scale, acc* l
   }
 }
 
+// Combine K/V-split partials in split order: m = max m_s, l = Σ l_s e^(m_s - m),
+// O = Σ O_s e^(m_s - m), then out = O / l and lse = m + log l. po: (splits, rows, D) unnormalised
+// outputs; pm: (splits, 2, rows) running max and sum of each split.
+template <typename acc>
+void combine_splits(const acc* po, const acc* pm, int64_t splits, int64_t rows, int64_t D,
+                    acc keep_scale, acc* op, acc* lp) {
+  at::parallel_for(0, rows, row_grain(splits * D), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      acc mx = -std::numeric_limits<acc>::infinity();
+      for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, pm[s * 2 * rows + row]);
+      acc* o = op + row * D;
+      std::fill(o, o + D, acc(0));
+      acc lsum = 0;
+      if (mx != -std::numeric_limits<acc>::infinity()) {
+        for (int64_t s = 0; s < splits; ++s) {
+          const acc ms = pm[s * 2 * rows + row];
+          if (ms == -std::numeric_limits<acc>::infinity()) continue;  // split saw no key
+          const acc w = std::exp(ms - mx);
+          lsum += pm[s * 2 * rows + rows + row] * w;
+          const acc* os = po + (s * rows + row) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += w * os[d];
+        }
+      }
+      finish_row(o, mx, lsum, D, keep_scale, lp + row);
+    }
+  });
+}
+
+// ---- decode: one query row per batch·head -------------------------------------------------------
+//
+// A decode step (Tq = 1) is a matrix-vector product on each side of the softmax and is bound by
+// reading K and V once. Block GEMMs with one row waste most of their time in call overhead and
+// packing, so this path works on rows directly: scores s_j = q·K_j over a chunk of keys (one
+// vector dot per key), the chunk's max and exps, then O += Σ p_j V_j (one vector FMA per key
+// and D-lane). Tasks are (batch·head, contiguous key range); more than one range per batch·head
+// only when there are too few batch·heads for the threads, and those partials are combined as the
+// general forward's splits are. With Tq = 1 a bottom-right-aligned causal mask hides nothing.
+
+// The horizontal sums of four vectors. On AVX-512 fp32 they are folded together (two unpack and
+// two shuffle levels shared by the four, then the four 128-bit lanes) instead of four separate
+// reductions: about a third of the shuffles, which is what the dot products of a cached decode
+// step (Tk ~ 1K) spend most of their time on.
+template <typename acc>
+inline void hsum4(const Vectorized<acc>& a0, const Vectorized<acc>& a1, const Vectorized<acc>& a2,
+                  const Vectorized<acc>& a3, acc& s0, acc& s1, acc& s2, acc& s3) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc, float>) {
+    const __m512 x0 = a0, x1 = a1, x2 = a2, x3 = a3;
+    // Per 128-bit lane: [a0 a1 a0 a1] and [a2 a3 a2 a3] partial sums, then [a0 a1 a2 a3].
+    const __m512 p01 = _mm512_add_ps(_mm512_unpacklo_ps(x0, x1), _mm512_unpackhi_ps(x0, x1));
+    const __m512 p23 = _mm512_add_ps(_mm512_unpacklo_ps(x2, x3), _mm512_unpackhi_ps(x2, x3));
+    const __m512 p = _mm512_add_ps(_mm512_shuffle_ps(p01, p23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(p01, p23, _MM_SHUFFLE(3, 2, 3, 2)));
+    // Sum the four 128-bit lanes.
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(p), _mm512_extractf32x8_ps(p, 1));
+    const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    alignas(16) float out[4];
+    _mm_store_ps(out, r);
+    s0 = out[0];
+    s1 = out[1];
+    s2 = out[2];
+    s3 = out[3];
+    return;
+  }
+#endif
+  s0 = hsum(a0);
+  s1 = hsum(a1);
+  s2 = hsum(a2);
+  s3 = hsum(a3);
+}
+
+// Keys per chunk: the scores stay in L1 and the running max is rescaled once per chunk.
+constexpr int64_t kDecodeChunk = 256;
+
+// One (batch·head, key range [k0, k1)): the unnormalised O (D values), running max m and sum l.
+template <typename acc>
+void decode_range(const acc* q, const acc* K, const acc* V, int64_t D, acc scale,
+                  const DropoutMask& drop, uint64_t counter0, int64_t k0, int64_t k1, acc* O,
+                  acc& m_out, acc& l_out, acc* S) {
+  using Vec = Vectorized<acc>;
+  constexpr int64_t L = Vec::size();
+  const int64_t dv = D / L * L;
+  std::fill(O, O + D, acc(0));
+  acc m = -std::numeric_limits<acc>::infinity(), l = 0;
+  for (int64_t c0 = k0; c0 < k1; c0 += kDecodeChunk) {
+    const int64_t n = std::min(kDecodeChunk, k1 - c0);
+    // Scores: four keys at a time so that four independent FMA chains hide the latency.
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const acc* k_0 = K + (c0 + j) * D;
+      // Start the V rows of these keys on their way (to L2) while the dots run: the P·V pass
+      // below then finds them in cache instead of opening a second miss stream after this one.
+      const char* v_0 = reinterpret_cast<const char*>(V + (c0 + j) * D);
+      for (int64_t b = 0; b < 4 * D * static_cast<int64_t>(sizeof(acc)); b += 64)
+        __builtin_prefetch(v_0 + b, 0, 2);
+      Vec a0(0), a1(0), a2(0), a3(0);
+      for (int64_t d = 0; d < dv; d += L) {
+        const Vec qv = Vec::loadu(q + d);
+        a0 = at::vec::fmadd(qv, Vec::loadu(k_0 + d), a0);
+        a1 = at::vec::fmadd(qv, Vec::loadu(k_0 + D + d), a1);
+        a2 = at::vec::fmadd(qv, Vec::loadu(k_0 + 2 * D + d), a2);
+        a3 = at::vec::fmadd(qv, Vec::loadu(k_0 + 3 * D + d), a3);
+      }
+      acc s0, s1, s2, s3;
+      hsum4(a0, a1, a2, a3, s0, s1, s2, s3);
+      for (int64_t d = dv; d < D; ++d) {
+        s0 += q[d] * k_0[d];
+        s1 += q[d] * k_0[D + d];
+        s2 += q[d] * k_0[2 * D + d];
+        s3 += q[d] * k_0[3 * D + d];
+      }
+      S[j] = s0;
+      S[j + 1] = s1;
+      S[j + 2] = s2;
+      S[j + 3] = s3;
+    }
+    for (; j < n; ++j) S[j] = dot(q, K + (c0 + j) * D, D);
+    const acc mx = scale_and_max(S, n, scale);
+    const acc mnew = std::max(m, mx);
+    const acc sum = exp_sum(S, n, acc(1), mnew);
+    const acc alpha = std::exp(m - mnew);  // 0 for the first chunk (m = -inf)
+    l = l * alpha + sum;
+    m = mnew;
+    if (alpha != acc(1)) scale_row(O, D, alpha);
+    if (drop.on) {
+      for (int64_t i = 0; i < n; ++i)
+        if (!drop.keep(counter0 + c0 + i)) S[i] = acc(0);
+    }
+    // O += Σ p_j V_j, the D lanes of O held in registers when D <= 8 vectors.
+    const acc* Vc = V + c0 * D;
+    if (dv == D && D <= 8 * L) {
+      Vec o[8];
+      const int64_t nv = D / L;
+      for (int64_t t = 0; t < nv; ++t) o[t] = Vec::loadu(O + t * L);
+      for (int64_t i = 0; i < n; ++i) {
+        const Vec p(S[i]);
+        const acc* vr = Vc + i * D;
+        for (int64_t t = 0; t < nv; ++t) o[t] = at::vec::fmadd(p, Vec::loadu(vr + t * L), o[t]);
+      }
+      for (int64_t t = 0; t < nv; ++t) o[t].store(O + t * L);
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const Vec p(S[i]);
+        const acc* vr = Vc + i * D;
+        int64_t d = 0;
+        for (; d < dv; d += L)
+          at::vec::fmadd(p, Vec::loadu(vr + d), Vec::loadu(O + d)).store(O + d);
+        for (; d < D; ++d) O[d] += S[i] * vr[d];
+      }
+    }
+  }
+  m_out = m;
+  l_out = l;
+}
+
+template <typename acc>
+void attention_decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             double scale_d, const DropoutMask& drop, at::Tensor& out,
+                             at::Tensor& lse) {
+  const int64_t BH = q.size(0) * q.size(1), Tk = k.size(2), D = q.size(3);
+  const acc scale = static_cast<acc>(scale_d), keep_scale = static_cast<acc>(drop.keep_scale);
+  const acc* qp = q.const_data_ptr<acc>();
+  const acc* kp = k.const_data_ptr<acc>();
+  const acc* vp = v.const_data_ptr<acc>();
+  acc* op = out.data_ptr<acc>();
+  acc* lp = lse.data_ptr<acc>();
+  // Split each batch·head's keys into ranges of at least 4 chunks when B·H alone leaves threads
+  // idle (or unevenly loaded: 3 batch·heads on 2 threads).
+  const int64_t splits = splits_for(BH, (Tk + 4 * kDecodeChunk - 1) / (4 * kDecodeChunk));
+  const int64_t per_split = (Tk + splits - 1) / splits;
+  const int64_t nth = at::get_num_threads();
+  at::Tensor scratch = at::empty({nth, kDecodeChunk}, q.options());
+  at::Tensor part_o, part_ml;
+  if (splits > 1) {
+    part_o = at::empty({splits, BH, D}, q.options());
+    part_ml = at::empty({splits, 2, BH}, q.options());
+  }
+  at::parallel_for(0, BH * splits, 1, [&](int64_t begin, int64_t end) {
+    acc* S = scratch.data_ptr<acc>() + at::get_thread_num() * kDecodeChunk;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / splits, split = t % splits;
+      const int64_t k0 = std::min(Tk, split * per_split), k1 = std::min(Tk, k0 + per_split);
+      const acc* K = kp + bh * Tk * D;
+      const acc* V = vp + bh * Tk * D;
+      const uint64_t counter0 = static_cast<uint64_t>(bh * Tk);  // flat index of (bh, 0, 0)
+      acc m, l;
+      if (splits == 1) {
+        decode_range(qp + bh * D, K, V, D, scale, drop, counter0, 0, Tk, op + bh * D, m, l, S);
+        finish_row(op + bh * D, m, l, D, keep_scale, lp + bh);
+      } else {
+        acc* pm = part_ml.data_ptr<acc>() + split * 2 * BH;
+        decode_range(qp + bh * D, K, V, D, scale, drop, counter0, k0, k1,
+                     part_o.data_ptr<acc>() + (split * BH + bh) * D, m, l, S);
+        pm[bh] = m;
+        pm[BH + bh] = l;
+      }
+    }
+  });
+  if (splits > 1)
+    combine_splits(part_o.const_data_ptr<acc>(), part_ml.const_data_ptr<acc>(), splits, BH, D,
+                   keep_scale, op, lp);
+}
+
 template <typename acc>
 void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           double scale_d, bool causal, const DropoutMask& drop, at::Tensor& out,
@@ -328,31 +534,8 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
     }
   });
   if (splits == 1) return;
-
-  // Combine the splits in split order: m = max m_s, l = Σ l_s e^(m_s - m), O = Σ O_s e^(m_s - m).
-  const int64_t rows = pb.BH * pb.Tq;
-  at::parallel_for(0, rows, row_grain(splits * D), [&](int64_t begin, int64_t end) {
-    const acc* po = part_o.const_data_ptr<acc>();
-    const acc* pm = part_ml.const_data_ptr<acc>();
-    for (int64_t row = begin; row < end; ++row) {
-      acc mx = -std::numeric_limits<acc>::infinity();
-      for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, pm[s * 2 * rows + row]);
-      acc* o = op + row * D;
-      std::fill(o, o + D, acc(0));
-      acc lsum = 0;
-      if (mx != -std::numeric_limits<acc>::infinity()) {
-        for (int64_t s = 0; s < splits; ++s) {
-          const acc ms = pm[s * 2 * rows + row];
-          if (ms == -std::numeric_limits<acc>::infinity()) continue;  // split saw no key
-          const acc w = std::exp(ms - mx);
-          lsum += pm[s * 2 * rows + rows + row] * w;
-          const acc* os = po + (s * rows + row) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += w * os[d];
-        }
-      }
-      finish_row(o, mx, lsum, D, keep_scale, lp + row);
-    }
-  });
+  combine_splits(part_o.const_data_ptr<acc>(), part_ml.const_data_ptr<acc>(), splits,
+                 pb.BH * pb.Tq, D, keep_scale, op, lp);
 }
 
 // ---- backward -----------------------------------------------------------------------------------
@@ -503,22 +686,45 @@ void check_args(double dropout_p, const char* op) {
               dropout_p);
 }
 
+// The dropout seed: a one-element int64 CPU tensor, so that drawing it is part of a traced graph
+// (torch.compile) instead of a Python int read with .item(). Needed only when dropout_p > 0.
+int64_t seed_value(const std::optional<at::Tensor>& seed, double dropout_p, const char* op) {
+  if (!seed.has_value()) {
+    TORCH_CHECK(dropout_p == 0.0, op, ": dropout_p > 0 needs a seed tensor");
+    return 0;
+  }
+  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+              op, ": seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(),
+              " of shape ", seed->sizes(), " on ", seed->device());
+  return seed->item<int64_t>();
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, double scale,
-                                                 bool is_causal, double dropout_p, int64_t seed,
+                                                 bool is_causal, double dropout_p,
+                                                 const std::optional<at::Tensor>& seed,
                                                  int64_t offset) {
   check_qkv(q, k, v, kFwd);
   check_args(dropout_p, kFwd);
+  const int64_t seed_v = seed_value(seed, dropout_p, kFwd);
   const auto dt = q.scalar_type();
   const bool reduced = dt == at::kBFloat16 || dt == at::kHalf;
   const auto acc_t = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor qa = q.to(acc_t), ka = k.to(acc_t), va = v.to(acc_t);  // no copy for fp32/fp64
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(acc_t));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_t));
-  const DropoutMask drop(dropout_p, seed, offset);
+  const DropoutMask drop(dropout_p, seed_v, offset);
   if (q.numel() > 0 && k.size(2) > 0) {
+    // Tq = 1: the decode path (a bottom-right-aligned causal mask shows the one query every key).
+    const bool decode = q.size(2) == 1;
     if (acc_t == at::kDouble) {
-      attention_fwd_kernel<double>(qa, ka, va, scale, is_causal, drop, out, lse);
+      if (decode) {
+        attention_decode_kernel<double>(qa, ka, va, scale, drop, out, lse);
+      } else {
+        attention_fwd_kernel<double>(qa, ka, va, scale, is_causal, drop, out, lse);
+      }
+    } else if (decode) {
+      attention_decode_kernel<float>(qa, ka, va, scale, drop, out, lse);
     } else {
       attention_fwd_kernel<float>(qa, ka, va, scale, is_causal, drop, out, lse);
     }
@@ -532,9 +738,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool is_causal, double dropout_p,
-    int64_t seed, int64_t offset) {
+    const std::optional<at::Tensor>& seed, int64_t offset) {
   check_qkv(q, k, v, kBwd);
   check_args(dropout_p, kBwd);
+  const int64_t seed_v = seed_value(seed, dropout_p, kBwd);
   check_cpu_float(dout, kBwd, "dout");
   check_cpu_float(out, kBwd, "out");
   check_same(q, dout, kBwd, "q", "dout");
@@ -553,7 +760,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   auto opts = q.options().dtype(acc_t);
   at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts),
              dv = at::empty(v.sizes(), opts);
-  const DropoutMask drop(dropout_p, seed, offset);
+  const DropoutMask drop(dropout_p, seed_v, offset);
   if (q.numel() > 0 && k.numel() > 0) {
     if (acc_t == at::kDouble) {
       attention_bwd_kernel<double>(doa, qa, ka, va, oa, lse, scale, is_causal, drop, dq, dk, dv);

@@ -84,8 +84,13 @@ void cross_entropy_scale_grad_(at::Tensor& grad, const at::Tensor& grad_output) 
   constexpr const char* op = "fastgpt::cross_entropy_scale_grad_";
   check_cpu_float(grad, op, "grad");
   check_cpu_float(grad_output, op, "grad_output");
-  TORCH_CHECK(grad_output.scalar_type() == grad.scalar_type(), op, ": grad_output has dtype ",
-              grad_output.scalar_type(), " but grad has dtype ", grad.scalar_type());
+  // grad's own dtype, or fp32 for a bf16/fp16 grad: a later backward through a retained graph
+  // passes a ratio of two scales, which should not be rounded to 8 bits first.
+  const bool reduced = grad.scalar_type() == at::kBFloat16 || grad.scalar_type() == at::kHalf;
+  TORCH_CHECK(grad_output.scalar_type() == grad.scalar_type() ||
+                  (reduced && grad_output.scalar_type() == at::kFloat),
+              op, ": grad_output has dtype ", grad_output.scalar_type(), " but grad has dtype ",
+              grad.scalar_type(), " (fp32 is also accepted for bf16/fp16)");
   const bool per_row = grad_output.dim() == 1;
   TORCH_CHECK(grad_output.dim() == 0 || (per_row && grad.dim() == 2 &&
                                          grad_output.size(0) == grad.size(0)),
@@ -97,7 +102,9 @@ void cross_entropy_scale_grad_(at::Tensor& grad, const at::Tensor& grad_output) 
     using acc = typename P::acc;
     using Vec = typename P::Vec;
     scalar_t* g = grad.data_ptr<scalar_t>();
-    const scalar_t* s = grad_output.const_data_ptr<scalar_t>();
+    // The factors as acc values (a copy of at most `rows` elements).
+    const at::Tensor go = grad_output.to(c10::CppTypeToScalarType<acc>::value);
+    const acc* s = go.const_data_ptr<acc>();
     auto scale_span = [](scalar_t* p, int64_t n, acc k) {
       const Vec vk(k);
       int64_t i = 0;
@@ -109,7 +116,7 @@ void cross_entropy_scale_grad_(at::Tensor& grad, const at::Tensor& grad_output) 
       for (; i < n; ++i) p[i] = static_cast<scalar_t>(static_cast<acc>(p[i]) * k);
     };
     if (!per_row) {
-      const acc k = static_cast<acc>(s[0]);
+      const acc k = s[0];
       if (k == acc(1)) return;
       at::parallel_for(0, grad.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
         scale_span(g + begin, end - begin, k);
@@ -117,7 +124,7 @@ void cross_entropy_scale_grad_(at::Tensor& grad, const at::Tensor& grad_output) 
     } else {
       const int64_t V = grad.size(1);
       at::parallel_for(0, grad.size(0), row_grain(V), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) scale_span(g + r * V, V, static_cast<acc>(s[r]));
+        for (int64_t r = begin; r < end; ++r) scale_span(g + r * V, V, s[r]);
       });
     }
   });

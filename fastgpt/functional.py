@@ -226,22 +226,29 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
         _backend.fallback("scaled_dot_product_attention", why)
         return None
     lead, (t_q, d), t_k = query.shape[:-2], query.shape[-2:], key.shape[-2]
-    if query.dim() == 4:
-        shape_q, shape_k = query.shape, key.shape
+    if query.dim() == 4:  # no reshape calls: a decode step is short enough for them to show
+        q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     else:  # (..., T, D): every leading dim folded into the batch
         n = math.prod(lead)
         shape_q, shape_k = (n, 1, t_q, d), (n, 1, t_k, d)
-    q = query.reshape(shape_q).contiguous()
-    k = key.reshape(shape_k).contiguous()
-    v = value.reshape(shape_k).contiguous()
+        q = query.reshape(shape_q).contiguous()
+        k = key.reshape(shape_k).contiguous()
+        v = value.reshape(shape_k).contiguous()
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    seed = 0
+    seed = None
     if dropout_p > 0.0:
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    out = AttentionFunction.apply(
-        q, k, v, scale, bool(is_causal), float(dropout_p), seed, 0, backend
-    )
-    return out.view(query.shape)
+        # A tensor, never read out here: under torch.compile the draw is part of the graph.
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out = AttentionFunction.apply(
+            q, k, v, scale, bool(is_causal), float(dropout_p), seed, 0, backend
+        )
+    else:
+        # Inference (a decode step is ~0.1-1 ms): the op directly, without the autograd
+        # Function's bookkeeping, which costs tens of microseconds a call.
+        fwd = _backend.kernel("attention", "attention_fwd", backend, q.device)
+        out = fwd(q, k, v, scale, bool(is_causal), float(dropout_p), seed, 0)[0]
+    return out if query.dim() == 4 else out.view(query.shape)
 
 
 # ---- cross-entropy (kernel paths: fastgpt/ops/cross_entropy.py, linear_cross_entropy.py) ------

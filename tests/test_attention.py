@@ -186,19 +186,22 @@ def test_gradcheck_float64_cpu():
 def test_opcheck(isa):
     with _cpu.use_isa(isa):
         q, k, v = qkv(2, 2, 17, 23, 16, torch.float32, requires_grad=False)
+        seed = torch.tensor(3)
         for causal, p in [(True, 0.0), (False, 0.25)]:
-            out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, 0.25, causal, p, 3, 0)
-            torch.library.opcheck(torch.ops.fastgpt.attention_fwd, (q, k, v, 0.25, causal, p, 3, 0))
+            out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, 0.25, causal, p, seed, 0)
+            torch.library.opcheck(
+                torch.ops.fastgpt.attention_fwd, (q, k, v, 0.25, causal, p, seed, 0)
+            )
             torch.library.opcheck(
                 torch.ops.fastgpt.attention_bwd,
-                (torch.randn_like(out), q, k, v, out, lse, 0.25, causal, p, 3, 0),
+                (torch.randn_like(out), q, k, v, out, lse, 0.25, causal, p, seed, 0),
             )
 
 
 def test_lse_is_logsumexp_of_scaled_scores():
     with run_on(BEST):
         q, k, v = qkv(1, 2, 9, 13, 16, torch.float32, requires_grad=False)
-        _, lse = torch.ops.fastgpt.attention_fwd(q, k, v, 0.3, True, 0.0, 0, 0)
+        _, lse = torch.ops.fastgpt.attention_fwd(q, k, v, 0.3, True, 0.0, None, 0)
         s = (q @ k.transpose(-1, -2)) * 0.3
         s = s.masked_fill(~reference.causal_mask(9, 13), float("-inf"))
         assert lse.dtype == torch.float32 and lse.shape == (1, 2, 9)
@@ -241,6 +244,43 @@ def test_dropout_same_seed_same_output():
         assert torch.equal(a, c) and not torch.equal(a, b)
 
 
+def test_dropout_compile_fullgraph():
+    # The seed is drawn as a tensor inside the graph: dropout compiles without a graph break, the
+    # same torch seed gives the same output and gradients, and the backward regenerates the
+    # forward's mask. With V = I the output is the dropped P itself (D = Tk), so the mask can be
+    # read off it and the gradients checked against the explicit-mask reference.
+    torch._dynamo.reset()
+    p, scale, t = 0.3, 0.2, 33
+
+    def block(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale)
+
+    with run_on(BEST):
+        compiled = torch.compile(block, fullgraph=True)
+        q, k, _ = qkv(2, 2, t, t, t, torch.float32)
+        v = torch.eye(t).expand(2, 2, t, t).contiguous().requires_grad_()
+        dout = make(q.shape, torch.float32, 4, False)
+        runs = []
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            out = compiled(q, k, v)
+            runs.append((out, *grads(out, (q, k, v), dout)))
+        for a, b in zip(runs[0], runs[1]):
+            assert torch.equal(a, b)
+        assert not torch.equal(runs[0][0], runs[2][0])
+        out, *got = runs[0]
+        s = (q @ k.transpose(-1, -2) * scale).masked_fill(
+            ~reference.causal_mask(t, t), float("-inf")
+        )
+        probs = torch.softmax(s, -1)
+        keep = (out != 0) | (probs == 0)
+        assert 0.2 < (~keep)[probs != 0].float().mean().item() < 0.4  # 1122 draws, p = 0.3
+        out_r = (probs * keep / (1 - p)) @ v
+        assert_close(out, out_r, torch.float32)
+        for g, e in zip(got, grads(out_r, (q, k, v), dout)):
+            assert_close(g, e, torch.float32)
+
+
 def test_dropout_rate_and_scale():
     with run_on(BEST):
         p = 0.3
@@ -256,9 +296,10 @@ def test_dropout_rate_and_scale():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_dropout_gradients_use_the_forwards_mask(causal):
+@pytest.mark.parametrize("tq", [37, 1])  # 1: the decode forward, then the general backward
+def test_dropout_gradients_use_the_forwards_mask(causal, tq):
     with run_on(BEST):
-        b, h, tq, tk, p, seed = 2, 2, 37, 48, 0.25, 7
+        b, h, tk, p, seed = 2, 2, 48, 0.25, 7
         probs = dropped_probs(b, h, tq, tk, causal, 0.0, seed)
         keep = dropped_probs(b, h, tq, tk, causal, p, seed) != 0
         keep |= probs == 0  # masked entries: nothing to drop
@@ -289,6 +330,37 @@ def test_deterministic(bh):
             runs.append((out, *grads(out, (q, k, v), dout)))
         for a, b in zip(*runs):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tk", [1, 17, 1023, 8193])
+@pytest.mark.parametrize("d", [16, 64, 80, 128])
+def test_decode_matches_torch(backend, tk, d):
+    # Tq = 1 takes the C++ decode path (row dot products, key ranges split over threads when
+    # B·H is small): equal to torch's own function and the reference for odd cache lengths and
+    # head dims, with and without a causal mask (bottom-right aligned: every key is visible).
+    for b, h in ((1, 1), (1, 12), (4, 12)) if tk < 8193 else ((1, 3), (1, 12)):
+        q, k, v = qkv(b, h, 1, tk, d, torch.float32, seed=tk + d, requires_grad=False)
+        want = TF.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        for causal in (False, True):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            assert_close(out, want.float(), torch.float32)
+            assert_close(out, TF.scaled_dot_product_attention(q, k, v), torch.float32)
+            ref = reference.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_decode_other_dtypes_and_grads(dtype):
+    with run_on(BEST):
+        q, k, v = qkv(2, 3, 1, 1500, 80, dtype)
+        dout = make(q.shape, dtype, 4, False)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        hi = torch.float64 if dtype == torch.float64 else torch.float32
+        qh, kh, vh = (t.detach().to(hi).requires_grad_() for t in (q, k, v))
+        out_t = TF.scaled_dot_product_attention(qh, kh, vh)
+        assert_close(out, out_t.to(dtype), dtype)
+        for g, e in zip(grads(out, (q, k, v), dout), grads(out_t, (qh, kh, vh), dout.to(hi))):
+            assert_close(g, e.to(dtype), dtype)
 
 
 def test_decode_step_long_cache():
@@ -366,23 +438,23 @@ KV = torch.randn(1, 2, 7, 8)
 LSE = torch.zeros(1, 2, 5)
 fwd, bwd = torch.ops.fastgpt.attention_fwd, torch.ops.fastgpt.attention_bwd
 BAD_CALLS = {
-    "3-D q": (lambda: fwd(Q[0], KV, KV, 1.0, False, 0.0, 0, 0), "q must be 4-D"),
-    "3-D k": (lambda: fwd(Q, KV[0], KV, 1.0, False, 0.0, 0, 0), "k and v must be 4-D"),
+    "3-D q": (lambda: fwd(Q[0], KV, KV, 1.0, False, 0.0, None, 0), "q must be 4-D"),
+    "3-D k": (lambda: fwd(Q, KV[0], KV, 1.0, False, 0.0, None, 0), "k and v must be 4-D"),
     "integer q": (
-        lambda: fwd(Q.long(), KV, KV, 1.0, False, 0.0, 0, 0),
+        lambda: fwd(Q.long(), KV, KV, 1.0, False, 0.0, None, 0),
         "must be float32, bfloat16, float16 or float64",
     ),
     "non-contiguous k": (
-        lambda: fwd(Q, KV.transpose(2, 3), KV, 1.0, False, 0.0, 0, 0),
+        lambda: fwd(Q, KV.transpose(2, 3), KV, 1.0, False, 0.0, None, 0),
         "must be contiguous",
     ),
-    "mixed dtypes": (lambda: fwd(Q, KV.double(), KV, 1.0, False, 0.0, 0, 0), "one dtype"),
+    "mixed dtypes": (lambda: fwd(Q, KV.double(), KV, 1.0, False, 0.0, None, 0), "one dtype"),
     "k and v shapes": (
-        lambda: fwd(Q, KV, torch.randn(1, 2, 6, 8), 1.0, False, 0.0, 0, 0),
+        lambda: fwd(Q, KV, torch.randn(1, 2, 6, 8), 1.0, False, 0.0, None, 0),
         "but v has shape",
     ),
     "head dim": (
-        lambda: fwd(Q, torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4), 1.0, False, 0.0, 0, 0),
+        lambda: fwd(Q, torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4), 1.0, False, 0.0, None, 0),
         "does not match q",
     ),
     "empty head dim": (
@@ -393,30 +465,30 @@ BAD_CALLS = {
             1.0,
             False,
             0.0,
-            0,
+            None,
             0,
         ),
         "head dim D must be positive",
     ),
-    "dropout range": (lambda: fwd(Q, KV, KV, 1.0, False, 1.0, 0, 0), "dropout_p must be in"),
+    "dropout range": (lambda: fwd(Q, KV, KV, 1.0, False, 1.0, None, 0), "dropout_p must be in"),
     "bwd dropout range": (
-        lambda: bwd(Q, Q, KV, KV, Q, LSE, 1.0, False, -0.1, 0, 0),
+        lambda: bwd(Q, Q, KV, KV, Q, LSE, 1.0, False, -0.1, None, 0),
         "dropout_p must be in",
     ),
     "dout shape": (
-        lambda: bwd(torch.randn(1, 2, 4, 8), Q, KV, KV, Q, LSE, 1.0, False, 0.0, 0, 0),
+        lambda: bwd(torch.randn(1, 2, 4, 8), Q, KV, KV, Q, LSE, 1.0, False, 0.0, None, 0),
         "dout has shape",
     ),
     "out dtype": (
-        lambda: bwd(Q, Q, KV, KV, Q.double(), LSE, 1.0, False, 0.0, 0, 0),
+        lambda: bwd(Q, Q, KV, KV, Q.double(), LSE, 1.0, False, 0.0, None, 0),
         "out has dtype",
     ),
     "lse dtype": (
-        lambda: bwd(Q, Q, KV, KV, Q, LSE.double(), 1.0, False, 0.0, 0, 0),
+        lambda: bwd(Q, Q, KV, KV, Q, LSE.double(), 1.0, False, 0.0, None, 0),
         "lse must be a contiguous CPU",
     ),
     "lse shape": (
-        lambda: bwd(Q, Q, KV, KV, Q, torch.zeros(1, 2, 4), 1.0, False, 0.0, 0, 0),
+        lambda: bwd(Q, Q, KV, KV, Q, torch.zeros(1, 2, 4), 1.0, False, 0.0, None, 0),
         "lse must have shape",
     ),
 }

@@ -150,6 +150,32 @@ def test_edge_cases(backend):
         )
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_backward_twice_through_retained_graph(backend, reduction):
+    # "mean"/"sum" scale forward-written d_input, d_weight, d_bias: every backward through one
+    # retained graph must still give torch's gradients for its grad_output (1, another, 0, a
+    # negative one; per-row zeros for "none"), and a gradient already returned must not change.
+    x, w, b, t = make(17, 32, 1000, torch.float32)
+    ins = (x, w, b)
+    loss = F.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction)
+    ins_h = [p.detach().clone().requires_grad_() for p in ins]
+    loss_h = TF.linear_cross_entropy(*ins_h[:2], t, linear_bias=ins_h[2], reduction=reduction)
+    g = torch.Generator().manual_seed(5)
+    outs = [torch.ones(loss.shape), torch.rand(loss.shape, generator=g) + 0.5]
+    outs += [torch.zeros(loss.shape), -2 * torch.rand(loss.shape, generator=g) - 0.25]
+    if reduction == "none":
+        outs[1][::2] = 0
+    returned = []
+    for dy in outs[1:] + outs[:1]:
+        got = torch.autograd.grad(loss, ins, dy, retain_graph=True)
+        want = torch.autograd.grad(loss_h, ins_h, dy, retain_graph=True)
+        for a, e in zip(got, want):
+            assert_close(a, e, torch.float32, 4.0)
+            returned.append((a, a.clone()))
+    for a, copy in returned:
+        assert torch.equal(a, copy)
+
+
 def test_target_out_of_range_raises(backend):
     x, w, b, t = make(6, 8, 11, torch.float32)
     t[2] = 11

@@ -1,14 +1,17 @@
 """Flash attention: custom ops and autograd.
 
 Ops (q: (B, H, Tq, D), k/v: (B, H, Tk, D), all contiguous and of one dtype):
-  attention_fwd(q, k, v, scale, is_causal, dropout_p, seed, offset) -> (out, lse)
-  attention_bwd(dout, q, k, v, out, lse, scale, is_causal, dropout_p, seed, offset)
+  attention_fwd(q, k, v, scale, is_causal, dropout_p, seed?, offset) -> (out, lse)
+  attention_bwd(dout, q, k, v, out, lse, scale, is_causal, dropout_p, seed?, offset)
                                                                    -> (dq, dk, dv)
 ``lse`` (B, H, Tq) is the natural-log logsumexp of the scaled, masked scores, in fp32 (float64
 for float64 inputs); a row with no visible key has lse = -inf and output 0. ``is_causal`` with
 Tq != Tk is bottom-right aligned (query i sees keys j <= i + Tk - Tq), as flash-attention does.
 Dropout (p > 0) drops entries of the softmax P with a counter-based RNG keyed by (seed, offset):
-the backward regenerates the same mask, which is never stored.
+the backward regenerates the same mask, which is never stored. ``seed`` is a one-element int64
+CPU tensor (None without dropout), not an int: drawing it with torch.randint then stays inside a
+graph that torch.compile(fullgraph=True) traces, where reading an int out with .item() would break
+it. The kernels read it when they run.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from fastgpt.ops._registry import define
 
 FWD = define(
     "attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool is_causal, float dropout_p,"
-    " int seed, int offset) -> (Tensor, Tensor)",
+    " Tensor? seed, int offset) -> (Tensor, Tensor)",
     "attention",
 )
 BWD = define(
     "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-    " float scale, bool is_causal, float dropout_p, int seed, int offset)"
+    " float scale, bool is_causal, float dropout_p, Tensor? seed, int offset)"
     " -> (Tensor, Tensor, Tensor)",
     "attention",
 )
@@ -50,16 +53,19 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, is_causal, dropout_p, seed, offset, backend):
+        if isinstance(seed, int):  # an int seed (tests, direct callers) becomes the op's tensor
+            seed = torch.tensor(seed, dtype=torch.int64)
         fwd = _backend.kernel("attention", "attention_fwd", backend, q.device)
         out, lse = fwd(q, k, v, scale, is_causal, dropout_p, seed, offset)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, is_causal, dropout_p, seed, offset)
+        ctx.save_for_backward(q, k, v, out, lse, seed)
+        ctx.args = (scale, is_causal, dropout_p)
+        ctx.offset = offset
         ctx.backend = backend
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, seed = ctx.saved_tensors
         bwd = _backend.kernel("attention", "attention_bwd", ctx.backend, q.device)
-        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args, seed, ctx.offset)
         return dq, dk, dv, None, None, None, None, None, None

@@ -11,7 +11,8 @@ gradients are those of the reduced loss for grad_output = 1 (each row scaled by 
 when given); unrequested ones are empty. ``chunk_rows`` 0 picks the size from a memory budget.
 
 "mean"/"sum": the forward computes the gradients and the backward scales them in place by the
-scalar grad_output (``cross_entropy_scale_grad_``). "none": d_weight mixes rows, so it cannot be
+scalar grad_output (``cross_entropy_scale_grad_``; a later backward through a retained graph
+scales copies, see fastgpt.ops.cross_entropy). "none": d_weight mixes rows, so it cannot be
 rescaled per row afterwards; the forward computes losses only and the backward runs the op again
 with ``row_scale = grad_output``.
 """
@@ -22,7 +23,7 @@ import torch
 
 from fastgpt import _backend
 from fastgpt.ops._registry import define
-from fastgpt.ops.cross_entropy import scale_saved_grad
+from fastgpt.ops.cross_entropy import scale_saved_grads
 
 FWD = define(
     "linear_cross_entropy_fwd(Tensor input, Tensor weight, Tensor? bias, Tensor target,"
@@ -100,10 +101,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_output.to(x.dtype).contiguous(), *flags, ctx.chunk_rows,
             )  # fmt: skip
         else:
-            dx, dw, db = (
-                scale_saved_grad(t, grad_output, ctx.backend) if wanted else None
-                for t, wanted in zip(ctx.saved_tensors, flags)
-            )
+            dx, dw, db = scale_saved_grads(
+                ctx, [t if wanted else None for t, wanted in zip(ctx.saved_tensors, flags)],
+                grad_output,
+            )  # fmt: skip
         return (
             dx if flags[0] else None,
             dw if flags[1] else None,

@@ -1114,6 +1114,12 @@ def _use_decode(Tq, Tk):
     return Tq <= DECODE_MAX_TQ and Tk >= DECODE_MIN_TK
 
 
+def _seed_int(seed):
+    """The custom ops pass the dropout seed as a one-element int64 CPU tensor (None without
+    dropout); the kernels take it as a plain integer. Direct callers may pass an int."""
+    return 0 if seed is None else int(seed)
+
+
 def attention_fwd(q, k, v, scale, is_causal, dropout_p, seed, offset):
     """softmax(q·kᵀ·scale (+ causal mask)) (with dropout) · v.
 
@@ -1124,6 +1130,7 @@ def attention_fwd(q, k, v, scale, is_causal, dropout_p, seed, offset):
     Cost: `attention_fwd_cost(B, H, Tq, Tk, D, q.element_size(), is_causal)`.
     """
     _check(q, k, v)
+    seed = _seed_int(seed)
     if _use_decode(q.shape[2], k.shape[2]):
         return attention_decode_fwd(q, k, v, scale, is_causal, dropout_p, seed, offset)
     B, H, Tq, D = q.shape
@@ -1165,6 +1172,7 @@ def attention_decode_fwd(q, k, v, scale, is_causal, dropout_p, seed, offset, num
     num_splits overrides the split count (tests). Cost: as `attention_fwd`, plus the fp32
     partials: writes and reads B·H·splits·Tq·(D + 1)·4 bytes."""
     _check(q, k, v)
+    seed = _seed_int(seed)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     assert Tq <= _DECODE_BLOCK_M, f"the decode kernel takes at most {_DECODE_BLOCK_M} queries"
@@ -1203,6 +1211,7 @@ def attention_bwd(dout, q, k, v, out, lse, scale, is_causal, dropout_p, seed, of
     input's dtype. Deterministic (no atomics); the dropout mask is regenerated from (seed,
     offset). Cost: `attention_bwd_cost(B, H, Tq, Tk, D, q.element_size(), is_causal)`."""
     _check(q, k, v)
+    seed = _seed_int(seed)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -186,6 +186,10 @@ def test_cpu_accuracy_whole_range(isa, approximate):
         torch.testing.assert_close(
             F.gelu(z, approximate), reference.gelu(z, approximate), equal_nan=True
         )
+        # A nan input gets a nan gradient (never a finite one that would hide it).
+        zn = torch.full((40,), float("nan"), requires_grad=True)
+        (dz,) = torch.autograd.grad(F.gelu(zn, approximate), [zn], torch.ones_like(zn))
+        assert dz.isnan().all()
         # Outputs are rounded once: small negative outputs keep their relative precision.
         t = torch.tensor([-5.0, -4.0, -3.0])
         torch.testing.assert_close(

@@ -22,19 +22,18 @@
 // erfc(a) = t exp(-a^2 + R(t)), t = 1 / (1 + a/2), with R the degree-9 Chebyshev fit of
 // Numerical Recipes' erfcc (fractional error < 1.2e-7 for every a >= 0).
 // float64 (gradcheck) uses the exact exp/erfc of at::vec instead.
-// AVX-512 fp32 (the build that matters for speed) does better on both forms:
-//   exp is a Cody-Waite reduction, a degree-5 polynomial and vscalefps (11 operations in place
-//   of exp_u20's 18; vscalefps also underflows to 0 correctly, so no blend is needed), and
-//   exact GELU needs no erfc or exp at all: its tail T(|x|) and the derivative's tail
-//   U(|x|) = T(|x|) - |x| phi(x) are piecewise quintics of |x| (gelu_erf_table.h, fitted by
-//   scripts/gen_gelu_erf_table.py), each lane's coefficients picked with one vpermt2ps per
-//   coefficient. torch's exact GELU forward is oneDNN's JIT kernel, which this has to beat.
+// AVX-512 fp32 (the build that matters for speed) computes neither exp nor erfc nor a
+// reciprocal: each form's tail T(|x|), and the derivative's tail U(|x|) (dy/dx = U below zero,
+// 1 - U above), is a piecewise polynomial of |x| on 32 intervals (csrc/gelu_tables.h, fitted by
+// scripts/gen_gelu_tables.py, which prints their errors), each lane's coefficients picked with
+// one vpermt2ps per coefficient: ~23 vector operations per 16 elements where the formulas above
+// take ~45. torch's exact GELU forward is oneDNN's JIT kernel, which this has to beat.
 //
 // Derivatives (s(1 - s) = T(1 - T) for the sigmoid, as sigmoid is symmetric):
 //   tanh:  dy/dx = P + 2 x T (1 - T) sqrt(2/pi) (1 + 3 * 0.044715 x^2)   (x clamped to +-20)
 //   erf:   dy/dx = P + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 #include "common.h"
-#include "gelu_erf_table.h"
+#include "gelu_tables.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -59,49 +58,31 @@ struct GeluMath {
 
   static Vec exp_neg(const Vec& v) {  // exp(v) for v <= 0
     if constexpr (std::is_same_v<acc, float>) {
-#if defined(CPU_CAPABILITY_AVX512)
-      // exp(v) = 2^n exp(r), n = round(v / ln 2), r = v - n ln 2 in two steps (ln 2 split into a
-      // short head, exact in the product, and a tail), exp(r) for |r| <= ln(2) / 2 by exp_u20's
-      // polynomial, 2^n applied by vscalefps. v is clamped at -150 first (exp is 0 in fp32
-      // there) so that v = -inf gives 0 rather than -inf - -inf = nan; a nan v becomes -150
-      // too, which the callers tolerate because x itself carries the nan into the result.
-      const __m512 vc = _mm512_max_ps(v, _mm512_set1_ps(-150.f));
-      const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(vc, _mm512_set1_ps(1.44269504f)),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), vc);
-      r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-      __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00828929059f), r, _mm512_set1_ps(0.0418978221f));
-      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166676521f));
-      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.499991506f));
-      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.999999701f));
-      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-      return Vec(_mm512_scalef_ps(p, n));
-#else
       return v.exp_u20();
-#endif
     } else {
       return v.exp();
     }
   }
 
 #if defined(CPU_CAPABILITY_AVX512)
-  // One of exact GELU's tails (T or U, see the file comment) at |x|, from its table: interval
-  // i = round(|x| / H) (the last one, all zeros, also takes |x| beyond the table and nan),
-  // t = |x| / H - i in [-1/2, 1/2], then Horner in t with each coefficient picked per lane from
-  // the 32 of its row (two registers) by vpermt2ps.
-  static __m512 erf_table_tail(const __m512 x,
-                               const float (&table)[kGeluErfDegree + 1][kGeluErfIntervals]) {
-    static_assert(kGeluErfIntervals == 32, "one vpermt2ps selects from 2 x 16 floats");
-    const __m512 w = _mm512_min_ps(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(kGeluErfInvWidth)),
-                                   _mm512_set1_ps(float(kGeluErfIntervals - 1)));
+  // A tail (T or U, see the file comment) at |x| from its table: interval i = round(|x| / H)
+  // (the last one, all zeros, also takes |x| beyond the table, and nan), t = |x| / H - i in
+  // [-1/2, 1/2], then Horner in t with each coefficient picked per lane from the 32 of its row
+  // (two registers) by vpermt2ps.
+  template <int kCoefs>
+  static __m512 table_tail(const __m512 x, const float (&table)[kCoefs][kGeluTableIntervals]) {
+    static_assert(kGeluTableIntervals == 32, "one vpermt2ps selects from 2 x 16 floats");
+    const __m512 w =
+        _mm512_min_ps(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(kGeluTableInvWidth)),
+                      _mm512_set1_ps(float(kGeluTableIntervals - 1)));
     const __m512 r = _mm512_roundscale_ps(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 t = _mm512_sub_ps(w, r);
     const __m512i i = _mm512_cvtps_epi32(r);
     auto coef = [&](int k) {
       return _mm512_permutex2var_ps(_mm512_load_ps(table[k]), i, _mm512_load_ps(table[k] + 16));
     };
-    __m512 p = coef(kGeluErfDegree);
-    for (int k = kGeluErfDegree - 1; k >= 0; --k) p = _mm512_fmadd_ps(p, t, coef(k));
+    __m512 p = coef(kCoefs - 1);
+    for (int k = kCoefs - 2; k >= 0; --k) p = _mm512_fmadd_ps(p, t, coef(k));
     return p;
   }
 #endif
@@ -144,15 +125,17 @@ struct GeluMath {
   // The tail T(x) in [0, 0.5] (see the file comment).
   template <Approx A>
   static Vec tail(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc, float>) {
+      return Vec(A == Approx::kTanh ? table_tail(x, kGeluTanhTail) : table_tail(x, kGeluErfTail));
+    }
+#endif
     if constexpr (A == Approx::kTanh) {
       // |u| = |x| (beta + beta kappa x^2)
       const Vec au = x.abs() * at::vec::fmadd(x * x, Vec(kBeta * kKappa), Vec(kBeta));
       const Vec z = exp_neg(au * Vec(acc(-2)));
       return z * recip(z + Vec(acc(1)));
     } else {
-#if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<acc, float>) return Vec(erf_table_tail(x, kGeluErfTail));
-#endif
       return erfc_pos(x.abs() * Vec(kInvSqrt2)) * Vec(acc(0.5));
     }
   }
@@ -176,11 +159,13 @@ struct GeluMath {
   template <Approx A>
   static Vec derivative(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (A == Approx::kNone && std::is_same_v<acc, float>) {
-      // U below zero, 1 - U above; + (x - x), which is 0 or nan, so that a nan (or infinite) x
-      // gives a nan derivative, as x phi(x) does, instead of the last interval's 0.
-      const Vec d = cdf(x, Vec(erf_table_tail(x, kGeluErfDerivTail)));
-      return d + (x - x);
+    if constexpr (std::is_same_v<acc, float>) {
+      // U below zero, 1 - U above. The last interval's 0 would give a nan x the finite
+      // derivative 1: a nan x is passed through instead (+-inf keep the limits 1 and 0).
+      const __m512 u = A == Approx::kTanh ? table_tail(x, kGeluTanhDerivTail)
+                                          : table_tail(x, kGeluErfDerivTail);
+      const __mmask16 is_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+      return Vec(_mm512_mask_mov_ps(cdf(x, Vec(u)), is_nan, x));
     }
 #endif
     const Vec t = tail<A>(x);

@@ -7,9 +7,11 @@
 Cases come from fastgpt/bench_cases.py, as for the pytest-benchmark suites. Each row is one (op,
 shape, dtype, mode): "fastgpt ms" is fastgpt's median time and "<contender> x" how many times
 longer that contender takes (above 1: fastgpt is faster; "not run" with the reason below the
-table); "peak MB" is each contender's peak memory above its inputs. GFLOP/s and GB/s (TFLOP/s on
-CUDA) count the least work the computation needs; on CPU read them against the machine's copy
-bandwidth and matmul rate, printed in the header with the allocator settings.
+table); "floor x" (LayerNorm, GELU) is the memory floor's time over fastgpt's (the op's least
+traffic and no arithmetic: bench_cases._MemoryFloor), so 1.0 would be a kernel that only moves the
+data it must; "peak MB" is each contender's peak memory above its inputs. GFLOP/s and GB/s
+(TFLOP/s on CUDA) count the least work the computation needs; on CPU read them against the
+machine's copy bandwidth and matmul rate, printed in the header with the allocator settings.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ FULL = [
 # others and would take a third of the quick run; --full runs it.
 QUICK_LEAVES_OUT = ("torch_chunked",)
 # Contender columns of the table, in this order, where any row has them.
-OTHERS = ("eager", "compile", "naive", "torch", "torch_chunked")
+OTHERS = ("eager", "compile", "naive", "torch", "torch_chunked", "floor")
 
 
 def machine_rates(device: str) -> tuple[float, float]:

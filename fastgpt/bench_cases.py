@@ -5,6 +5,8 @@ A case is one (op, shape, dtype, mode) with one callable per contender:
   eager    - the same computation in plain torch (torch.nn.functional, eager)
   compile  - the eager function under torch.compile
   naive    - attention only: the masked-softmax module people write by hand
+  floor    - LayerNorm and GELU only: not the op but the least memory traffic any implementation
+             of it has (see _MemoryFloor), to show how far from that bound each contender is
   torch, torch_chunked - linear_cross_entropy only: torch's own F.linear_cross_entropy, its
              default (unchunked) and chunked paths
 Modes: "fwd" (under no_grad) and "fwd+bwd" (forward, then torch.autograd.grad of every input).
@@ -147,11 +149,38 @@ def _targets(n, v, device, seed=5):
     return torch.randint(0, v, (n,), generator=g).to(device)
 
 
+# ---- the memory floor of a row-wise / elementwise op -----------------------------------------
+
+
+class _MemoryFloor(torch.autograd.Function):
+    """What no LayerNorm or GELU can beat: the forward reads x once into a fresh output (a
+    copy), the backward reads dy and x once into a fresh dx (dy + x). Fresh outputs, as every
+    contender's are, so their first-touch page faults count too; no arithmetic to speak of.
+    The vectors (weight, bias) get zero gradients: a reduction in the same pass costs no traffic."""
+
+    @staticmethod
+    def forward(ctx, x, *vectors):
+        ctx.save_for_backward(x, *vectors)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, *vectors = ctx.saved_tensors
+        return dy + x, *(torch.zeros_like(v) for v in vectors)
+
+
+def memory_floor(x, *vectors):
+    return _MemoryFloor.apply(x, *vectors)
+
+
+FLOOR_CONTENDERS = DEFAULT_CONTENDERS + ("floor",)
+
+
 # ---- LayerNorm ------------------------------------------------------------------------------
 # Bytes: read x (and r), write y (and the sum); the backward reads x and dy and writes dx.
 
 
-@case_builder("layer_norm")
+@case_builder("layer_norm", FLOOR_CONTENDERS)
 def _layer_norm(shape, dtype, device):
     m, n = shape
     x, w, b = (
@@ -162,6 +191,7 @@ def _layer_norm(shape, dtype, device):
     forwards = {
         "fastgpt": lambda x, w, b: F.layer_norm(x, (n,), w, b),
         "eager": lambda x, w, b: TF.layer_norm(x, (n,), w, b),
+        "floor": memory_floor,
     }
     elt = x.element_size()
     return Built((x, w, b), forwards, 8.0 * m * n, 2.0 * m * n * elt, bwd_bytes=3.0 * m * n * elt)
@@ -202,11 +232,13 @@ def _gelu_builder(approximate, bias):
             forwards = {
                 "fastgpt": lambda x, b: F.bias_gelu(x, b, torch_approx),
                 "eager": lambda x, b: TF.gelu(x + b, approximate=torch_approx),
+                "floor": memory_floor,
             }
         else:
             forwards = {
                 "fastgpt": lambda x, b: F.gelu(x, torch_approx),
                 "eager": lambda x, b: TF.gelu(x, approximate=torch_approx),
+                "floor": lambda x, b: memory_floor(x),
             }
         elt = x.element_size()
         return Built(
@@ -217,8 +249,8 @@ def _gelu_builder(approximate, bias):
 
 
 for _approx in ("tanh", "erf"):
-    case_builder(f"gelu_{_approx}")(_gelu_builder(_approx, bias=False))
-    case_builder(f"bias_gelu_{_approx}")(_gelu_builder(_approx, bias=True))
+    case_builder(f"gelu_{_approx}", FLOOR_CONTENDERS)(_gelu_builder(_approx, bias=False))
+    case_builder(f"bias_gelu_{_approx}", FLOOR_CONTENDERS)(_gelu_builder(_approx, bias=True))
 
 
 # ---- cross-entropy --------------------------------------------------------------------------

@@ -25,9 +25,9 @@ def test_every_op_has_a_tiny_case():
 @pytest.mark.parametrize("mode", bench_cases.MODES)
 @pytest.mark.parametrize("op", sorted(TINY))
 def test_contenders_compute_the_same_thing(op, mode):
-    """Every contender of a case (but compile, torch's own) gives fastgpt's result, so the
-    benchmarks compare like with like."""
-    others = [c for c in bench_cases.contenders(op) if c != "compile"]
+    """Every contender of a case (but compile, torch's own, and the floor, which is no
+    implementation) gives fastgpt's result, so the benchmarks compare like with like."""
+    others = [c for c in bench_cases.contenders(op) if c not in ("compile", "floor")]
     case = bench_cases.make_case(op, TINY[op], torch.float32, mode, contenders=others)
     assert set(case.calls) == set(others) and not case.skipped
     want = case.calls["fastgpt"]()
@@ -35,6 +35,23 @@ def test_contenders_compute_the_same_thing(op, mode):
         got = case.calls[name]()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{op} {name}")
     assert case.flops > 0 and case.bytes > 0
+
+
+def test_memory_floor_moves_the_least_data():
+    """The floor's forward copies x into a fresh tensor, its backward returns dy + x for x and
+    zeros for the vectors: the traffic of the op without its arithmetic."""
+    x, w = torch.randn(5, 7, requires_grad=True), torch.randn(7, requires_grad=True)
+    y = bench_cases.memory_floor(x, w)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    dy = torch.randn(5, 7)
+    dx, dw = torch.autograd.grad(y, [x, w], dy)
+    torch.testing.assert_close(dx, dy + x)
+    assert dw.shape == w.shape and not dw.any()
+    # One gradient per differentiated input: x, and weight and bias or the GELU bias.
+    leaves = {"layer_norm": 3, "gelu_tanh": 1, "gelu_erf": 1, "bias_gelu_tanh": 2}
+    for op, n in leaves.items():
+        case = bench_cases.make_case(op, TINY[op], torch.float32, "fwd+bwd", contenders=("floor",))
+        assert len(case.calls["floor"]()) == n
 
 
 def test_naive_attention_is_skipped_with_a_reason_past_its_memory_limit():

@@ -11,7 +11,9 @@ import os
 if os.environ.get("FASTGPT_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib  # noqa: E402
 import importlib.util  # noqa: E402
+import sys  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 import pytest  # noqa: E402
@@ -132,18 +134,43 @@ def _interpret_env():
             os.environ["TRITON_INTERPRET"] = saved
 
 
+@contextmanager
+def _fresh_submodules(package: str):
+    """Inside, ``package``'s submodules are imported afresh; afterwards ``sys.modules`` and the
+    package's attributes are as found, so what was imported inside stays private to its importer."""
+    parent = importlib.import_module(package)
+    prefix = package + "."
+    saved = {name: m for name, m in sys.modules.items() if name.startswith(prefix)}
+    saved_attrs = dict(vars(parent))
+    for name in saved:
+        del sys.modules[name]
+    try:
+        yield
+    finally:
+        for name in [name for name in sys.modules if name.startswith(prefix)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        for attr in set(vars(parent)) - set(saved_attrs):
+            delattr(parent, attr)
+        for attr, value in saved_attrs.items():
+            setattr(parent, attr, value)
+
+
 def load_interpreted(module_name: str):
     """A private copy of the Triton kernel module ``module_name`` whose kernels are interpreter
     objects (@triton.jit reads TRITON_INTERPRET as it decorates), even where another test already
-    imported the module with compiled kernels (a GPU run). Skips the calling test module when
-    triton is not installed. Its tests also need the ``triton_interpreter`` fixture."""
+    imported the module with compiled kernels (a GPU run). The shared helpers it imports
+    (fastgpt.triton._reduce) are private interpreted copies too, and the shared modules the rest
+    of the session uses are left untouched. Skips the calling test module when triton is not
+    installed. Its tests also need the ``triton_interpreter`` fixture."""
     with _interpret_env():
         pytest.importorskip("triton")
         origin = importlib.util.find_spec(module_name).origin
         private_name = f"_{module_name.rpartition('.')[2]}_interpreted"
         spec = importlib.util.spec_from_file_location(private_name, origin)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        with _fresh_submodules(module_name.rpartition(".")[0]):
+            spec.loader.exec_module(module)
     return module
 
 

@@ -8,6 +8,7 @@ it for this session, and under the interpreter @triton.jit functions cannot be c
 attention module alone is ~200 compiles: a few minutes on two cores on a cold Triton cache.
 """
 
+import importlib
 import json
 import os
 import re
@@ -46,12 +47,11 @@ EXPECTED = {
             "_layer_norm_fwd_wide_kernel",
             "_layer_norm_bwd_kernel",
             "_layer_norm_bwd_wide_kernel",
-            "_sum_rows_kernel",
         }),
         no_spill_targets=("sm_90a",),
     ),
     "fastgpt.triton.gelu": Expected(
-        kernels=frozenset({"_gelu_fwd_kernel", "_gelu_bwd_kernel", "_sum_rows_kernel"}),
+        kernels=frozenset({"_gelu_fwd_kernel", "_gelu_bwd_kernel"}),
     ),
     "fastgpt.triton.attention": Expected(
         kernels=frozenset({
@@ -78,7 +78,20 @@ EXPECTED = {
         kernels=frozenset({"_cross_entropy_kernel"}),
         min_configs=10,
     ),
+    # The shared dweight/dbias reduction of layer_norm and gelu, listed once under the helper:
+    # every output dtype they launch it with, at an aligned and an unaligned row length.
+    "fastgpt.triton._reduce": Expected(
+        kernels=frozenset({"_sum_rows_kernel"}),
+        covered=(
+            "_sum_rows_kernel",
+            [f"^N={n} {dtype} " for n in (768, 17) for dtype in ("bf16", "fp16", "fp32")],
+        ),
+    ),
 }  # fmt: skip
+
+
+# Helper modules whose kernels op modules share, and the op modules that launch them.
+SHARED = {"fastgpt.triton._reduce": ("fastgpt.triton.layer_norm", "fastgpt.triton.gelu")}
 
 
 def _run(args, interpret=False, timeout=3600):
@@ -147,6 +160,20 @@ def test_specs_cover_the_declared_configs(report):
     configs = {r["config"] for r in rows if r["kernel"] == kernel}
     for pattern in patterns:
         assert any(re.search(pattern, c) for c in configs), pattern
+
+
+@pytest.mark.parametrize("helper", list(SHARED))
+def test_shared_kernels_cover_every_dtype_of_their_users(helper):
+    """A shared kernel is compiled once, under its helper module: its specs must cover every
+    dtype the modules that launch it are compiled for."""
+
+    def dtypes(module):
+        configs = [spec["config"] for spec in importlib.import_module(module).AOT_SPECS()]
+        return {d for c in configs for d in re.findall(r"\b(bf16|fp16|fp32)\b", c)}
+
+    covered = dtypes(helper)
+    for user in SHARED[helper]:
+        assert dtypes(user) <= covered, user
 
 
 def test_report_refuses_under_the_interpreter():

@@ -18,8 +18,8 @@ Derivatives: tanh: P + 2 x T (1 - T) du/dx;  erf: P + x exp(-x^2 / 2) / sqrt(2 p
 Kernels. One program per tile of BLOCK_M x BLOCK_C elements (~_TILE elements, masked on both
 edges); the bias tile is read once per program. The backward's programs each own a column block
 and a contiguous range of rows, so dbias accumulates in registers and is written as one row of fp32
-partials per program; `_sum_rows_kernel` adds the partials column by column in a fixed order: no
-atomics, deterministic.
+partials per program; `sum_rows` (fastgpt/triton/_reduce.py, shared with LayerNorm) adds the
+partials column by column in a fixed order: no atomics, deterministic.
 
 Cost per call, with e the element size in bytes: forward ~15*M*C flops, reads and writes M*C*e;
 backward ~25*M*C flops, reads 2*M*C*e, writes M*C*e (plus the O(C) bias and partials).
@@ -31,11 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgpt.triton._reduce import sum_rows
+
 _TILE = 2048  # elements per program: 16 per thread at 4 warps
 _NUM_WARPS = 4
-_SUM_BLOCK_ROWS = 64
-_SUM_BLOCK_COLS = 32
-_SUM_NUM_WARPS = 4
 
 # Globals read inside @triton.jit functions must be constexpr.
 _BETA = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
@@ -153,26 +152,6 @@ def _gelu_bwd_kernel(
         tl.store(DB_partial + pid_m * C + cols, db, mask=col_mask)
 
 
-@triton.jit
-def _sum_rows_kernel(
-    P,  # (num_rows, N) fp32
-    Out,  # (N,)
-    num_rows,
-    N,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
-):
-    # Column sums of the partials, each column block by one program, rows in a fixed order.
-    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    col_mask = cols < N
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for start in range(0, num_rows, BLOCK_ROWS):
-        rows = start + tl.arange(0, BLOCK_ROWS)
-        mask = (rows[:, None] < num_rows) & col_mask[None, :]
-        acc += tl.load(P + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=col_mask)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -228,21 +207,6 @@ def gelu_fwd(x, bias, approximate):
     return y
 
 
-def _sum_rows(partial, dtype):
-    num_rows, N = partial.shape
-    out = torch.empty(N, dtype=dtype, device=partial.device)
-    _sum_rows_kernel[(triton.cdiv(N, _SUM_BLOCK_COLS),)](
-        partial,
-        out,
-        num_rows,
-        N,
-        BLOCK_ROWS=_SUM_BLOCK_ROWS,
-        BLOCK_COLS=_SUM_BLOCK_COLS,
-        num_warps=_SUM_NUM_WARPS,
-    )
-    return out
-
-
 def _bwd_grid(M, C, block_m, block_c, device):
     """(row programs, rows per program): about 8 programs per SM in all, each walking a
     contiguous range of rows; every program adds a row of partials to reduce."""
@@ -288,7 +252,7 @@ def gelu_bwd(dy, x, bias, approximate, bias_grad):
         BLOCK_C=block_c,
         num_warps=_NUM_WARPS,
     )
-    dbias = _sum_rows(partial, x.dtype) if bias_grad else x.new_empty(0)
+    dbias = sum_rows(partial, x.dtype) if bias_grad else x.new_empty(0)
     return dx, dbias
 
 
@@ -299,14 +263,14 @@ def gelu_bwd(dy, x, bias, approximate, bias_grad):
 _TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
-def _spec(kernel, signature, constexprs, divisible, config, num_warps=_NUM_WARPS):
+def _spec(kernel, signature, constexprs, divisible, config):
     return {
         "kernel": kernel,
         "signature": signature,
         "constexprs": constexprs,
         "divisible_by_16": divisible,
-        "options": {"num_warps": num_warps},
-        "config": config + f" w{num_warps}",
+        "options": {"num_warps": _NUM_WARPS},
+        "config": config + f" w{_NUM_WARPS}",
     }
 
 
@@ -344,18 +308,11 @@ def _bwd_spec(C, dtype, bias, dbias, tanh):
     return _spec(_gelu_bwd_kernel, signature, constexprs, divisible, name)
 
 
-def _sum_rows_spec(dtype):
-    signature = {"P": "*fp32", "Out": _TRITON_DTYPES[dtype], "num_rows": "i32", "N": "i32"}
-    signature |= {"BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr"}
-    constexprs = {"BLOCK_ROWS": _SUM_BLOCK_ROWS, "BLOCK_COLS": _SUM_BLOCK_COLS}
-    name = f"{dtype} BLOCK={_SUM_BLOCK_ROWS}x{_SUM_BLOCK_COLS}"
-    return _spec(_sum_rows_kernel, signature, constexprs, ["P", "Out"], name, _SUM_NUM_WARPS)
-
-
 def AOT_SPECS():
     """Every kernel in the configurations the launchers choose: both approximations in each
     dtype at GPT-2's MLP width (3072, bias+GELU), the flat no-bias case (one row, the widest
-    tile), and narrow or ragged rows (1, 17, 768) that give taller tiles."""
+    tile), and narrow or ragged rows (1, 17, 768) that give taller tiles. The dbias reduction is
+    fastgpt.triton._reduce's, compiled with that module's specs."""
     specs = []
     for dtype in ("bf16", "fp16", "fp32"):
         for tanh in (False, True):
@@ -364,7 +321,6 @@ def AOT_SPECS():
             # No bias: one flat row of numel elements (the JIT sees a large, unaligned C).
             specs.append(_fwd_spec(1_000_003, dtype, bias=False, tanh=tanh))
             specs.append(_bwd_spec(1_000_003, dtype, bias=False, dbias=False, tanh=tanh))
-        specs.append(_sum_rows_spec(dtype))
     for C in (1, 17, 768):
         for tanh in (False, True):
             specs.append(_fwd_spec(C, "bf16", bias=True, tanh=tanh))

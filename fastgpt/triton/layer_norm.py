@@ -22,7 +22,8 @@ tensor is read once and written once (`_layer_norm_fwd_kernel`, `_layer_norm_bwd
 Longer rows go to the `*_wide` kernels, which loop over the row in chunks of MAX_BLOCK_N // 4
 and re-read it (from L2, mostly). dweight and dbias are reduced without atomics, so the backward
 is deterministic: each backward program owns a contiguous block of rows and writes one row of
-fp32 partial sums, and `_sum_rows_kernel` adds the partials column by column in a fixed order.
+fp32 partial sums, and `sum_rows` (fastgpt/triton/_reduce.py, shared with GELU) adds the
+partials column by column in a fixed order.
 
 Cost per call (see `layer_norm_fwd_cost` / `layer_norm_bwd_cost`, used by the benchmarks to report
 TFLOP/s and GB/s), with e the element size in bytes:
@@ -40,16 +41,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgpt.triton._reduce import sum_rows
+
 # Largest row a program keeps whole in registers. Beyond it the register file would spill (the
 # backward holds x, dy, weight and two fp32 accumulators per element), so longer rows use the wide
 # kernels, which loop over chunks of a quarter of this size.
 MAX_BLOCK_N = 8192
-
-# Tile of the final dweight/dbias reduction: 32 fp32 columns are one 128-byte segment per row, and
-# a narrow column block gives even small N enough programs to spread over the SMs.
-_SUM_BLOCK_ROWS = 64
-_SUM_BLOCK_COLS = 32
-_SUM_NUM_WARPS = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,30 +334,6 @@ def _layer_norm_bwd_wide_kernel(
             tl.store(DB_partial + pid * N + cols, db, mask=mask)
 
 
-@triton.jit
-def _sum_rows_kernel(
-    P,  # (num_rows, N) fp32 partial sums
-    Out,  # (N,) column sums, in Out's dtype
-    stride_p_row,
-    num_rows,
-    N,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
-):
-    # One program per block of columns; it walks down all partial rows in a fixed order, so the
-    # result is the same bit for bit on every run.
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    col_mask = cols < N
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for start in range(0, num_rows, BLOCK_ROWS):
-        rows = start + tl.arange(0, BLOCK_ROWS)
-        mask = (rows[:, None] < num_rows) & col_mask[None, :]
-        acc += tl.load(P + rows[:, None] * stride_p_row + cols[None, :], mask=mask, other=0.0)
-    total = tl.sum(acc, axis=0)
-    tl.store(Out + cols, total.to(Out.dtype.element_ty), mask=col_mask)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -461,22 +434,6 @@ def add_layer_norm_fwd(x, residual, weight, bias, eps):
     return _launch_fwd(x, residual, weight, bias, eps)
 
 
-def _sum_rows(partial, dtype):
-    num_rows, N = partial.shape
-    out = torch.empty(N, dtype=dtype, device=partial.device)
-    _sum_rows_kernel[(triton.cdiv(N, _SUM_BLOCK_COLS),)](
-        partial,
-        out,
-        partial.stride(0),
-        num_rows,
-        N,
-        BLOCK_ROWS=_SUM_BLOCK_ROWS,
-        BLOCK_COLS=_SUM_BLOCK_COLS,
-        num_warps=_SUM_NUM_WARPS,
-    )
-    return out
-
-
 def layer_norm_bwd(dy, x, mean, rstd, weight, dresidual, weight_grad, bias_grad):
     """Gradients of LayerNorm given dy (M, N) and the forward's x (its input: for add_layer_norm,
     summed), mean and rstd.
@@ -539,8 +496,8 @@ def layer_norm_bwd(dy, x, mean, rstd, weight, dresidual, weight_grad, bias_grad)
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    dweight = _sum_rows(dw_partial, x.dtype) if weight_grad else x.new_empty(0)
-    dbias = _sum_rows(db_partial, x.dtype) if bias_grad else x.new_empty(0)
+    dweight = sum_rows(dw_partial, x.dtype) if weight_grad else x.new_empty(0)
+    dbias = sum_rows(db_partial, x.dtype) if bias_grad else x.new_empty(0)
     return dx, dweight, dbias
 
 
@@ -667,31 +624,13 @@ def _bwd_spec(N, dtype, weight, dresidual, dweight, dbias):
     return _spec(kernel, signature, constexprs, num_warps, N, f"N={N} {dtype} {flags}")
 
 
-def _sum_rows_spec(N, dtype):
-    signature = {
-        "P": "*fp32",
-        "Out": _TRITON_DTYPES[dtype],
-        "stride_p_row": "i32",
-        "num_rows": "i32",
-        "N": "i32",
-        "BLOCK_ROWS": "constexpr",
-        "BLOCK_COLS": "constexpr",
-    }
-    constexprs = {"BLOCK_ROWS": _SUM_BLOCK_ROWS, "BLOCK_COLS": _SUM_BLOCK_COLS}
-    return _spec(_sum_rows_kernel, signature, constexprs, _SUM_NUM_WARPS, N, f"N={N} {dtype}")
-
-
 def _spec(kernel, signature, constexprs, num_warps, N, config):
     # What the JIT would specialize at run time: torch allocations are 16-byte aligned, and N and
     # the row strides (= N, contiguous) are multiples of 16 when N is.
     divisible = [name for name, ty in signature.items() if ty.startswith("*")]
     if N % 16 == 0:
         divisible += [name for name in signature if name == "N" or name.startswith("stride_")]
-    if "BLOCK_N" in constexprs:
-        config += f" BLOCK_N={constexprs['BLOCK_N']}"
-    else:
-        config += f" BLOCK={constexprs['BLOCK_ROWS']}x{constexprs['BLOCK_COLS']}"
-    config += f" w{num_warps}"
+    config += f" BLOCK_N={constexprs['BLOCK_N']} w{num_warps}"
     return {
         "kernel": kernel,
         "signature": signature,
@@ -705,12 +644,12 @@ def _spec(kernel, signature, constexprs, num_warps, N, config):
 def AOT_SPECS():
     """Every kernel of this module in every configuration the launchers choose, for a
     representative set of row lengths: all flag combinations at GPT-2 small's N=768 (in each
-    dtype for the common case), the common cases at the other sizes, up to a wide row."""
+    dtype for the common case), the common cases at the other sizes, up to a wide row. The
+    dweight/dbias reduction is fastgpt.triton._reduce's, compiled with that module's specs."""
     specs = []
     for dtype in ("bf16", "fp16", "fp32"):
         specs.append(_fwd_spec(768, dtype, residual=False, weight=True, bias=True))
         specs.append(_bwd_spec(768, dtype, weight=True, dresidual=False, dweight=True, dbias=True))
-        specs.append(_sum_rows_spec(768, dtype))
     for residual in (False, True):
         for weight in (False, True):
             for bias in (False, True):

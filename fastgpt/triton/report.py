@@ -21,6 +21,9 @@ memory from the compiled kernel's metadata (Triton's shared memory is dynamic, s
 0). Occupancy is the number of resident warps per SM those resources allow.
 
 A new op adds its module to KERNEL_MODULES and an AOT_SPECS function to that module; nothing else.
+A helper module whose kernels several op modules share (fastgpt.triton._reduce) is listed too, and
+its AOT_SPECS covers every dtype its users launch it with: each shared kernel is compiled once per
+configuration, under the helper's name, not once per module that uses it.
 
 Compiling needs real @triton.jit functions: under TRITON_INTERPRET=1 they are interpreter objects,
 so this module refuses to run there.
@@ -42,6 +45,7 @@ KERNEL_MODULES = [
     "fastgpt.triton.gelu",
     "fastgpt.triton.attention",
     "fastgpt.triton.cross_entropy",
+    "fastgpt.triton._reduce",
 ]
 
 TARGET_NAMES = {80: "sm_80", 90: "sm_90a"}

@@ -306,6 +306,29 @@ def test_compile_fullgraph():
         assert_close(a, torch.autograd.grad(out_e, x)[0], torch.float32)
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+def test_compiled_backward_twice_through_retained_graph(inplace):
+    # Compiled, the backward cannot tell a second backward from a first (it scales in place, in
+    # a functionalized graph): several backwards through one retained graph must still each get
+    # torch's gradient and never change one already returned, with in-place scaling on or off.
+    torch._dynamo.reset()
+    with run_on(BEST), inplace_backward(inplace):
+        compiled = torch.compile(lambda x, t: F.cross_entropy(x, t), fullgraph=True)
+        x, t = make(8, 64, torch.float32)
+        loss = compiled(x, t)
+        x_h = x.detach().clone().requires_grad_()
+        loss_h = TF.cross_entropy(x_h, t)
+        returned = []
+        for go in (2.0, 3.0, 0.5):
+            go = torch.tensor(go)
+            (g,) = torch.autograd.grad(loss, x, go, retain_graph=True)
+            (want,) = torch.autograd.grad(loss_h, x_h, go, retain_graph=True)
+            assert_close(g, want, torch.float32)
+            returned.append((g, g.clone()))
+        for g, copy in returned:
+            assert torch.equal(g, copy)
+
+
 # ---- input checks of the C++ kernels: each raises a clear RuntimeError ------------------------
 
 X = torch.randn(4, 8)

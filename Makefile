@@ -30,6 +30,7 @@ bench-compare: setup
 # tests/ and benchmarks/ each have their own conftest.
 test: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest tests -q -p no:cacheprovider
 	$(PY) -m pytest benchmarks --benchmark-disable -q -p no:cacheprovider
 

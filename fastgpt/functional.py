@@ -238,7 +238,9 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
     seed = None
     if dropout_p > 0.0:
         # A tensor, never read out here: under torch.compile the draw is part of the graph.
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+        # Always a CPU tensor from the CPU generator, whatever torch's default device is (the
+        # kernels read it on the host; a CUDA seed would make the Triton launcher sync).
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out = AttentionFunction.apply(
             q, k, v, scale, bool(is_causal), float(dropout_p), seed, 0, backend

@@ -242,6 +242,11 @@ def test_dropout_same_seed_same_output():
         torch.manual_seed(0)
         c = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
         assert torch.equal(a, c) and not torch.equal(a, b)
+        # The seed is drawn on the CPU whatever torch's default device is.
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            d = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+        assert torch.equal(a, d)
 
 
 def test_dropout_compile_fullgraph():

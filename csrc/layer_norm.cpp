@@ -7,6 +7,7 @@
 // dweight and dbias, which are summed across threads at the end (no atomics, deterministic for a
 // fixed thread count).
 #include "common.h"
+#include "huge_pages.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -316,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   check_param(weight, x, op, "weight");
   check_param(bias, x, op, "bias");
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output_like(x);
   at::Tensor mean = at::empty({x.size(0)}, x.options().dtype(stat_dtype(x)));
   at::Tensor rstd = at::empty_like(mean);
   at::Tensor none;
@@ -337,8 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
   check_param(weight, x, op, "weight");
   check_param(bias, x, op, "bias");
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor summed = at::empty_like(x);
+  at::Tensor y = empty_output_like(x);
+  at::Tensor summed = empty_output_like(x);
   at::Tensor mean = at::empty({x.size(0)}, x.options().dtype(stat_dtype(x)));
   at::Tensor rstd = at::empty_like(mean);
   if (x.numel() == 0) return {y, summed, mean, rstd};
@@ -370,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     check_cpu_float(*dresidual, op, "grad_residual");
     check_same(x, *dresidual, op, "input", "grad_residual");
   }
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = empty_output_like(x);
   at::Tensor dweight = at::empty({weight_grad ? x.size(1) : 0}, x.options());
   at::Tensor dbias = at::empty({bias_grad ? x.size(1) : 0}, x.options());
   if (x.size(0) == 0) {

@@ -367,3 +367,18 @@ def test_triton_backend_requires_interpreter_on_cpu():
     )
     out = run_python(code, FASTGPT_BACKEND="triton", TRITON_INTERPRET="0")
     assert "TRITON_INTERPRET=1" in out or "needs triton" in out
+
+
+def test_huge_page_outputs_match_plain_pages():
+    # Outputs of >= 4 MiB are advised for transparent huge pages (csrc/huge_pages.h); the values
+    # must not depend on it. FASTGPT_HUGE_PAGES=0 in a fresh process turns the advice off.
+    code = (
+        "import torch, fastgpt.functional as F\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, r = (torch.randn(1024, 1536, generator=g).requires_grad_() for _ in range(2))\n"
+        "w, b = (torch.randn(1536, generator=g).requires_grad_() for _ in range(2))\n"
+        "y, s = F.add_layer_norm(x, r, 1536, w, b)\n"
+        "gs = torch.autograd.grad((y, s), (x, r, w, b), (torch.cos(y), torch.sin(s)))\n"
+        "print(*[float(t.double().square().sum()) for t in (y, s, *gs)])\n"
+    )
+    assert run_python(code, FASTGPT_HUGE_PAGES="0") == run_python(code, FASTGPT_HUGE_PAGES="1")

@@ -59,6 +59,13 @@ struct Chunk {
       hi.store(p + Vec::size());
     }
   }
+  // Rounds lo/hi to scalar_t's precision in registers (a no-op for fp32/fp64).
+  static void round(Vec& lo, Vec& hi) {
+    if constexpr (is_reduced_v<scalar_t>) {
+      std::tie(lo, hi) =
+          at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi));
+    }
+  }
   static void store(scalar_t* p, const Vec& lo, const Vec& hi) {
     if constexpr (is_reduced_v<scalar_t>) {
       at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
@@ -160,52 +167,28 @@ const acc_t<scalar_t>* param_as_acc(const at::Tensor& p, at::Tensor& holder) {
   }
 }
 
-// One row of the forward. xr (and rr) are read once; with a residual, sr receives x + r rounded
-// to scalar_t, as eager `x + r` does, and it is those rounded values that are normalised, so
-// the result matches layer_norm(x + r) exactly. Returns (mean, rstd).
-template <typename scalar_t>
-inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> forward_row(
-    const scalar_t* xr, const scalar_t* rr, scalar_t* sr, const acc_t<scalar_t>* w,
-    const acc_t<scalar_t>* b, scalar_t* yr, int64_t n, acc_t<scalar_t> eps, bool nt) {
+// Passes 2 and 3 of a forward row, over `in` (the row LayerNorm sees, already in L1: scalar_t
+// for a plain LayerNorm, the acc scratch row for the fused add) given its sum; writes y (streamed
+// when nt) and returns (mean, rstd).
+template <typename scalar_t, typename in_t>
+inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> normalize_row(
+    const in_t* in, acc_t<scalar_t> sum, const acc_t<scalar_t>* w, const acc_t<scalar_t>* b,
+    scalar_t* yr, int64_t n, acc_t<scalar_t> eps, bool nt) {
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
-  using Ch = Chunk<scalar_t>;
-  constexpr int64_t C = Ch::size;
-  const scalar_t* in = rr ? sr : xr;  // the row LayerNorm sees
-
-  // Pass 1, from memory: sum (and the residual add, written out).
-  Acc2<acc> s0, s1;
-  int64_t t = over_chunks<C>(n, s0, s1, [&](int64_t i, Acc2<acc>& a) {
-    Vec lo, hi;
-    Ch::load(xr + i, lo, hi);
-    if (rr) {
-      Vec rlo, rhi;
-      Ch::load(rr + i, rlo, rhi);
-      lo = lo + rlo;
-      hi = hi + rhi;
-      Ch::store_rounded(sr + i, lo, hi);
-    }
-    a.lo = a.lo + lo;
-    a.hi = a.hi + hi;
-  });
-  acc sum = hsum((s0.lo + s0.hi) + (s1.lo + s1.hi));
-  for (int64_t i = t; i < n; ++i) {
-    acc v = static_cast<acc>(xr[i]);
-    if (rr) {
-      sr[i] = static_cast<scalar_t>(v + static_cast<acc>(rr[i]));
-      v = static_cast<acc>(sr[i]);
-    }
-    sum += v;
-  }
+  using In = Chunk<in_t>;
+  using Out = Chunk<scalar_t>;
+  constexpr int64_t C = Out::size;
+  static_assert(In::size == C);
   const acc mean = sum / n;
 
-  // Pass 2, in L1: centred (biased) variance; subtracting the mean first keeps full precision
-  // when |mean| >> std.
+  // Pass 2: centred (biased) variance; subtracting the mean first keeps full precision when
+  // |mean| >> std.
   const Vec vmean(mean);
   Acc2<acc> q0, q1;
-  t = over_chunks<C>(n, q0, q1, [&](int64_t i, Acc2<acc>& a) {
+  int64_t t = over_chunks<C>(n, q0, q1, [&](int64_t i, Acc2<acc>& a) {
     Vec lo, hi;
-    Ch::load(in + i, lo, hi);
+    In::load(in + i, lo, hi);
     lo = lo - vmean;
     hi = hi - vmean;
     a.lo = at::vec::fmadd(lo, lo, a.lo);
@@ -218,13 +201,13 @@ inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> forward_row(
   }
   const acc rstd = acc(1) / std::sqrt(sq / n + eps);
 
-  // Pass 3, in L1: y = (x - mean) * rstd * w + b, rounded once.
+  // Pass 3: y = (x - mean) * rstd * w + b, rounded once.
   const Vec vrstd(rstd);
   constexpr int64_t W = Vec::size();
   int64_t i = 0;
   for (; i + C <= n; i += C) {
     Vec lo, hi;
-    Ch::load(in + i, lo, hi);
+    In::load(in + i, lo, hi);
     lo = (lo - vmean) * vrstd;
     hi = (hi - vmean) * vrstd;
     if (w) {
@@ -236,9 +219,9 @@ inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> forward_row(
       hi = hi + Vec::loadu(b + i + W);
     }
     if (nt) {
-      Ch::stream(yr + i, lo, hi);
+      Out::stream(yr + i, lo, hi);
     } else {
-      Ch::store(yr + i, lo, hi);
+      Out::store(yr + i, lo, hi);
     }
   }
   for (; i < n; ++i) {
@@ -248,6 +231,65 @@ inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> forward_row(
     yr[i] = static_cast<scalar_t>(v);
   }
   return {mean, rstd};
+}
+
+// One row of LayerNorm: pass 1 reads x from memory and sums it; passes 2-3 re-read it from L1.
+template <typename scalar_t>
+inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> layer_norm_row(
+    const scalar_t* xr, const acc_t<scalar_t>* w, const acc_t<scalar_t>* b, scalar_t* yr,
+    int64_t n, acc_t<scalar_t> eps, bool nt) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  using Ch = Chunk<scalar_t>;
+  Acc2<acc> s0, s1;
+  const int64_t t = over_chunks<Ch::size>(n, s0, s1, [&](int64_t i, Acc2<acc>& a) {
+    Vec lo, hi;
+    Ch::load(xr + i, lo, hi);
+    a.lo = a.lo + lo;
+    a.hi = a.hi + hi;
+  });
+  acc sum = hsum((s0.lo + s0.hi) + (s1.lo + s1.hi));
+  for (int64_t i = t; i < n; ++i) sum += static_cast<acc>(xr[i]);
+  return normalize_row<scalar_t>(xr, sum, w, b, yr, n, eps, nt);
+}
+
+// One row of add + LayerNorm. Pass 1 reads x and r, writes s = x + r rounded to scalar_t (as
+// eager `x + r` does; streamed when nt_sum) and keeps those rounded values in the acc scratch
+// row buf, which passes 2-3 normalise: the result matches layer_norm(x + r) exactly, and the
+// sum need not be read back from the output (a streamed line is no longer in cache).
+template <typename scalar_t>
+inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> add_layer_norm_row(
+    const scalar_t* xr, const scalar_t* rr, scalar_t* sr, acc_t<scalar_t>* buf,
+    const acc_t<scalar_t>* w, const acc_t<scalar_t>* b, scalar_t* yr, int64_t n,
+    acc_t<scalar_t> eps, bool nt_sum, bool nt) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  using Ch = Chunk<scalar_t>;
+  Acc2<acc> s0, s1;
+  const int64_t t = over_chunks<Ch::size>(n, s0, s1, [&](int64_t i, Acc2<acc>& a) {
+    Vec lo, hi, rlo, rhi;
+    Ch::load(xr + i, lo, hi);
+    Ch::load(rr + i, rlo, rhi);
+    lo = lo + rlo;
+    hi = hi + rhi;
+    if (nt_sum) {
+      Ch::stream(sr + i, lo, hi);
+      Ch::round(lo, hi);
+    } else {
+      Ch::store_rounded(sr + i, lo, hi);
+    }
+    lo.store(buf + i);
+    hi.store(buf + i + Vec::size());
+    a.lo = a.lo + lo;
+    a.hi = a.hi + hi;
+  });
+  acc sum = hsum((s0.lo + s0.hi) + (s1.lo + s1.hi));
+  for (int64_t i = t; i < n; ++i) {
+    sr[i] = static_cast<scalar_t>(static_cast<acc>(xr[i]) + static_cast<acc>(rr[i]));
+    buf[i] = static_cast<acc>(sr[i]);
+    sum += buf[i];
+  }
+  return normalize_row<scalar_t>(buf, sum, w, b, yr, n, eps, nt);
 }
 
 template <typename scalar_t>
@@ -267,13 +309,20 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& residual,
   acc* meanp = mean.data_ptr<acc>();
   acc* rstdp = rstd.data_ptr<acc>();
 
-  const bool nt = stream_output(y, N, Chunk<scalar_t>::size * sizeof(scalar_t));
+  constexpr int64_t chunk_bytes = Chunk<scalar_t>::size * sizeof(scalar_t);
+  const bool nt = stream_output(y, N, chunk_bytes);
+  const bool nt_sum = rp && stream_output(summed, N, chunk_bytes);
+  // The fused add's per-thread scratch row (the rounded sum in acc).
+  at::Tensor scratch = at::empty({rp ? at::get_num_threads() : 0, N},
+                                 x.options().dtype(c10::CppTypeToScalarType<acc>::value));
+  const acc ep = static_cast<acc>(eps);
   at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+    acc* buf = rp ? scratch.data_ptr<acc>() + at::get_thread_num() * N : nullptr;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t off = row * N;
-      auto [mu, rs] = forward_row<scalar_t>(xp + off, rp ? rp + off : nullptr,
-                                            sp ? sp + off : nullptr, w, b, yp + off, N,
-                                            static_cast<acc>(eps), nt);
+      auto [mu, rs] = rp ? add_layer_norm_row<scalar_t>(xp + off, rp + off, sp + off, buf, w, b,
+                                                        yp + off, N, ep, nt_sum, nt)
+                         : layer_norm_row<scalar_t>(xp + off, w, b, yp + off, N, ep, nt);
       meanp[row] = mu;
       rstdp[row] = rs;
     }

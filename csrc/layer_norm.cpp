@@ -1,12 +1,26 @@
 // LayerNorm over the last dim of a contiguous (M, N) tensor, with an optional fused residual add.
 //
-// Forward: one task per block of rows; each row is read once into registers/L1, then three short
-// passes over it (mean, centred variance, normalise) while it is still in L1. Statistics are
-// accumulated in fp32 (double for float64 inputs) and saved for the backward.
-// Backward: one pass over the rows computes dx and, in the same pass, per-thread partials of
-// dweight and dbias, which are summed across threads at the end (no atomics, deterministic for a
-// fixed thread count).
+// Forward: one task per block of rows. Each row is read from memory once (the pass that also
+// sums it and, fused, writes x + r), then two short passes over it while it is still in L1
+// (centred variance, normalise). Statistics are accumulated in fp32 (double for float64 inputs)
+// and saved for the backward.
+// Backward: one pass over the rows computes dx (plus the gradient of the fused sum output, in
+// the same store) and per-thread partials of dweight and dbias, which are summed across threads
+// at the end (no atomics, deterministic for a fixed thread count).
+//
+// Every loop walks a row in chunks of two acc vectors (see Chunk): bf16/fp16 are widened as they
+// are loaded and rounded once as they are stored, so no pass needs an fp32 copy of a row, and
+// reductions keep four independent accumulators (two chunks in flight) so they are not bound by
+// the latency of one chain of adds. The rows are short (768-1600): that latency, not memory,
+// bounded the bf16 kernels and the in-cache fp32 ones.
+//
+// Large shapes (GPT-2 training: 8192 x 768-1600) are memory- and page-fault-bound instead. Their
+// outputs are advised for huge pages before the first store (huge_pages.h) and, past 8 MiB,
+// written with non-temporal stores (stream_output), so each output byte crosses the memory bus
+// once. fwd+bwd then moves 5 row-sets (LN) and 8 (add_LN) against eager's 7 and 14 (counting its
+// write-allocates); those ratios, 1.4x and 1.75x, bound the speed-up where neither side faults.
 #include "common.h"
+#include "huge_pages.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -14,54 +28,137 @@
 
 #include <cmath>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 namespace fastgpt {
 namespace {
 
 using at::vec::Vectorized;
 
-// y = (x - mean) * rstd * w + b over one row. Subtracting the mean first (rather than folding
-// it into x * rstd - mean * rstd) keeps full precision when |mean| >> std.
-template <typename acc>
-inline void normalize_row(const acc* x, const acc* w, const acc* b, acc* y, int64_t n, acc mean,
-                          acc rstd) {
+// Two acc vectors of a row in storage dtype scalar_t: 2 * Vectorized<acc>::size() elements,
+// which for bf16/fp16 is exactly one Vectorized<scalar_t>.
+template <typename scalar_t>
+struct Chunk {
+  using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
-  const Vec vmean(mean), vrstd(rstd);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec v = (Vec::loadu(x + i) - vmean) * vrstd;
-    if (w) v = v * Vec::loadu(w + i);
-    if (b) v = v + Vec::loadu(b + i);
-    v.store(y + i);
+  static constexpr int64_t size = 2 * Vec::size();
+  static_assert(!is_reduced_v<scalar_t> || Vectorized<scalar_t>::size() == size);
+
+  static void load(const scalar_t* p, Vec& lo, Vec& hi) {
+    if constexpr (is_reduced_v<scalar_t>) {
+      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+    } else {
+      lo = Vec::loadu(p);
+      hi = Vec::loadu(p + Vec::size());
+    }
   }
-  for (; i < n; ++i) {
-    acc v = (x[i] - mean) * rstd;
-    if (w) v *= w[i];
-    if (b) v += b[i];
-    y[i] = v;
+  // Stores lo/hi rounded to scalar_t and leaves them holding the rounded values.
+  static void store_rounded(scalar_t* p, Vec& lo, Vec& hi) {
+    if constexpr (is_reduced_v<scalar_t>) {
+      const auto packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+      packed.store(p);
+      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(packed);
+    } else {
+      lo.store(p);
+      hi.store(p + Vec::size());
+    }
   }
+  // Rounds lo/hi to scalar_t's precision in registers (a no-op for fp32/fp64).
+  static void round(Vec& lo, Vec& hi) {
+    if constexpr (is_reduced_v<scalar_t>) {
+      std::tie(lo, hi) =
+          at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi));
+    }
+  }
+  static void store(scalar_t* p, const Vec& lo, const Vec& hi) {
+    if constexpr (is_reduced_v<scalar_t>) {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+    } else {
+      lo.store(p);
+      hi.store(p + Vec::size());
+    }
+  }
+  // As store, but non-temporal: the lines go to memory without first being read into the cache
+  // (a normal store to a line not in cache reads it first, so a streamed output costs 1x its
+  // bytes of memory traffic instead of 2x). Each vector's address must be aligned to its size:
+  // stream_output checks that for the whole output.
+  static void stream(scalar_t* p, const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (is_reduced_v<scalar_t>) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p),
+                          __m512i(at::vec::convert_from_float<scalar_t>(lo, hi)));
+      return;
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_stream_ps(p, __m512(lo));
+      _mm512_stream_ps(p + Vec::size(), __m512(hi));
+      return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (is_reduced_v<scalar_t>) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
+                          __m256i(at::vec::convert_from_float<scalar_t>(lo, hi)));
+      return;
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(p, __m256(lo));
+      _mm256_stream_ps(p + Vec::size(), __m256(hi));
+      return;
+    }
+#endif
+    store(p, lo, hi);
+  }
+};
+
+// Whether a kernel writes its (M, n) output `out` with non-temporal stores. Only large outputs:
+// LayerNorm is memory-bound there (fp32 8192x768: ~8 GB/s a core), and the read-for-ownership
+// of each output line is a third of the forward's traffic and a quarter of the backward's;
+// streaming cut the fp32 fwd 1.1-1.5x and fwd+bwd 1.2-1.3x (1 thread, no page faults). Such an
+// output (>= 8 MiB, 4x a core's L2) would mostly have left the cache before its consumer reads
+// it; a small one stays cached for the next op. Streamed only where every chunk is aligned, and
+// never a row the kernel reads back (the fused sum is normalised right after it is written: it
+// is stored normally).
+inline bool stream_output(const at::Tensor& out, int64_t n, int64_t chunk_bytes) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const int64_t row_bytes = n * static_cast<int64_t>(out.element_size());
+  const auto base = reinterpret_cast<uintptr_t>(out.const_data_ptr());
+  return out.nbytes() >= (size_t(8) << 20) && row_bytes % chunk_bytes == 0 &&
+         base % std::min<int64_t>(chunk_bytes, 64) == 0;
+#else
+  (void)out, (void)n, (void)chunk_bytes;
+  return false;
+#endif
 }
 
-// Mean and centred (biased) variance of one row, two passes over data already in L1.
-template <typename acc>
-inline std::pair<acc, acc> row_moments(const acc* x, int64_t n) {
-  using Vec = Vectorized<acc>;
-  Vec vsum(0);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) vsum = vsum + Vec::loadu(x + i);
-  acc sum = hsum(vsum);
-  for (; i < n; ++i) sum += x[i];
-  const acc mean = sum / n;
-  const Vec vmean(mean);
-  Vec vsq(0);
-  i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec d = Vec::loadu(x + i) - vmean;
-    vsq = at::vec::fmadd(d, d, vsq);
-  }
-  acc sq = hsum(vsq);
-  for (; i < n; ++i) sq += (x[i] - mean) * (x[i] - mean);
-  return {mean, sq / n};
+// Orders a thread's streamed stores before the results are handed on.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
+
+// Runs body(i, accumulators) over the whole chunks of a row of n, alternating two sets of
+// accumulators so consecutive chunks do not wait on each other's adds; returns both sets and
+// the index where the scalar tail starts.
+template <int64_t C, typename Acc, typename Body>
+inline int64_t over_chunks(int64_t n, Acc& a0, Acc& a1, Body&& body) {
+  int64_t i = 0;
+  for (; i + 2 * C <= n; i += 2 * C) {
+    body(i, a0);
+    body(i + C, a1);
+  }
+  if (i + C <= n) {
+    body(i, a0);
+    i += C;
+  }
+  return i;
+}
+
+// A pair of vector accumulators, one per half of a chunk.
+template <typename acc>
+struct Acc2 {
+  Vectorized<acc> lo{acc(0)}, hi{acc(0)};
+};
 
 // Widens an optional (N,) parameter to acc once for all rows (a no-op for fp32/fp64).
 template <typename scalar_t>
@@ -76,13 +173,137 @@ const acc_t<scalar_t>* param_as_acc(const at::Tensor& p, at::Tensor& holder) {
   }
 }
 
+// Passes 2 and 3 of a forward row, over `in` (the row LayerNorm sees, already in L1: scalar_t
+// for a plain LayerNorm, the acc scratch row for the fused add) given its sum; writes y (streamed
+// when nt) and returns (mean, rstd).
+template <typename scalar_t, typename in_t>
+inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> normalize_row(
+    const in_t* in, acc_t<scalar_t> sum, const acc_t<scalar_t>* w, const acc_t<scalar_t>* b,
+    scalar_t* yr, int64_t n, acc_t<scalar_t> eps, bool nt) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  using In = Chunk<in_t>;
+  using Out = Chunk<scalar_t>;
+  constexpr int64_t C = Out::size;
+  static_assert(In::size == C);
+  const acc mean = sum / n;
+
+  // Pass 2: centred (biased) variance; subtracting the mean first keeps full precision when
+  // |mean| >> std.
+  const Vec vmean(mean);
+  Acc2<acc> q0, q1;
+  int64_t t = over_chunks<C>(n, q0, q1, [&](int64_t i, Acc2<acc>& a) {
+    Vec lo, hi;
+    In::load(in + i, lo, hi);
+    lo = lo - vmean;
+    hi = hi - vmean;
+    a.lo = at::vec::fmadd(lo, lo, a.lo);
+    a.hi = at::vec::fmadd(hi, hi, a.hi);
+  });
+  acc sq = hsum((q0.lo + q0.hi) + (q1.lo + q1.hi));
+  for (int64_t i = t; i < n; ++i) {
+    const acc d = static_cast<acc>(in[i]) - mean;
+    sq += d * d;
+  }
+  const acc rstd = acc(1) / std::sqrt(sq / n + eps);
+
+  // Pass 3: y = (x - mean) * rstd * w + b, rounded once.
+  const Vec vrstd(rstd);
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  for (; i + C <= n; i += C) {
+    Vec lo, hi;
+    In::load(in + i, lo, hi);
+    lo = (lo - vmean) * vrstd;
+    hi = (hi - vmean) * vrstd;
+    if (w) {
+      lo = lo * Vec::loadu(w + i);
+      hi = hi * Vec::loadu(w + i + W);
+    }
+    if (b) {
+      lo = lo + Vec::loadu(b + i);
+      hi = hi + Vec::loadu(b + i + W);
+    }
+    if (nt) {
+      Out::stream(yr + i, lo, hi);
+    } else {
+      Out::store(yr + i, lo, hi);
+    }
+  }
+  for (; i < n; ++i) {
+    acc v = (static_cast<acc>(in[i]) - mean) * rstd;
+    if (w) v *= w[i];
+    if (b) v += b[i];
+    yr[i] = static_cast<scalar_t>(v);
+  }
+  return {mean, rstd};
+}
+
+// One row of LayerNorm: pass 1 reads x from memory and sums it; passes 2-3 re-read it from L1.
+template <typename scalar_t>
+inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> layer_norm_row(
+    const scalar_t* xr, const acc_t<scalar_t>* w, const acc_t<scalar_t>* b, scalar_t* yr,
+    int64_t n, acc_t<scalar_t> eps, bool nt) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  using Ch = Chunk<scalar_t>;
+  Acc2<acc> s0, s1;
+  const int64_t t = over_chunks<Ch::size>(n, s0, s1, [&](int64_t i, Acc2<acc>& a) {
+    Vec lo, hi;
+    Ch::load(xr + i, lo, hi);
+    a.lo = a.lo + lo;
+    a.hi = a.hi + hi;
+  });
+  acc sum = hsum((s0.lo + s0.hi) + (s1.lo + s1.hi));
+  for (int64_t i = t; i < n; ++i) sum += static_cast<acc>(xr[i]);
+  return normalize_row<scalar_t>(xr, sum, w, b, yr, n, eps, nt);
+}
+
+// One row of add + LayerNorm. Pass 1 reads x and r, writes s = x + r rounded to scalar_t (as
+// eager `x + r` does; streamed when nt_sum) and keeps those rounded values in the acc scratch
+// row buf, which passes 2-3 normalise: the result matches layer_norm(x + r) exactly, and the
+// sum need not be read back from the output (a streamed line is no longer in cache).
+template <typename scalar_t>
+inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> add_layer_norm_row(
+    const scalar_t* xr, const scalar_t* rr, scalar_t* sr, acc_t<scalar_t>* buf,
+    const acc_t<scalar_t>* w, const acc_t<scalar_t>* b, scalar_t* yr, int64_t n,
+    acc_t<scalar_t> eps, bool nt_sum, bool nt) {
+  using acc = acc_t<scalar_t>;
+  using Vec = Vectorized<acc>;
+  using Ch = Chunk<scalar_t>;
+  Acc2<acc> s0, s1;
+  const int64_t t = over_chunks<Ch::size>(n, s0, s1, [&](int64_t i, Acc2<acc>& a) {
+    Vec lo, hi, rlo, rhi;
+    Ch::load(xr + i, lo, hi);
+    Ch::load(rr + i, rlo, rhi);
+    lo = lo + rlo;
+    hi = hi + rhi;
+    if (nt_sum) {
+      Ch::stream(sr + i, lo, hi);
+      Ch::round(lo, hi);
+    } else {
+      Ch::store_rounded(sr + i, lo, hi);
+    }
+    lo.store(buf + i);
+    hi.store(buf + i + Vec::size());
+    a.lo = a.lo + lo;
+    a.hi = a.hi + hi;
+  });
+  acc sum = hsum((s0.lo + s0.hi) + (s1.lo + s1.hi));
+  for (int64_t i = t; i < n; ++i) {
+    sr[i] = static_cast<scalar_t>(static_cast<acc>(xr[i]) + static_cast<acc>(rr[i]));
+    buf[i] = static_cast<acc>(sr[i]);
+    sum += buf[i];
+  }
+  return normalize_row<scalar_t>(buf, sum, w, b, yr, n, eps, nt);
+}
+
 template <typename scalar_t>
 void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& residual,
                            const at::Tensor& weight, const at::Tensor& bias, double eps,
                            at::Tensor& y, at::Tensor& summed, at::Tensor& mean,
                            at::Tensor& rstd) {
   using acc = acc_t<scalar_t>;
-  using Vec = Vectorized<acc>;
   const int64_t M = x.size(0), N = x.size(1);
   at::Tensor w_holder, b_holder;
   const acc* w = param_as_acc<scalar_t>(weight, w_holder);
@@ -94,56 +315,32 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& residual,
   acc* meanp = mean.data_ptr<acc>();
   acc* rstdp = rstd.data_ptr<acc>();
 
-  // Per-thread scratch, allocated once: two fp32 rows for bf16/fp16 (input and residual).
-  const int64_t scratch_rows = is_reduced_v<scalar_t> ? 2 : 0;
-  at::Tensor scratch = at::empty({at::get_num_threads(), scratch_rows * N},
+  constexpr int64_t chunk_bytes = Chunk<scalar_t>::size * sizeof(scalar_t);
+  const bool nt = stream_output(y, N, chunk_bytes);
+  const bool nt_sum = rp && stream_output(summed, N, chunk_bytes);
+  // The fused add's per-thread scratch row (the rounded sum in acc).
+  at::Tensor scratch = at::empty({rp ? at::get_num_threads() : 0, N},
                                  x.options().dtype(c10::CppTypeToScalarType<acc>::value));
-
+  const acc ep = static_cast<acc>(eps);
   at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
-    acc* buf = scratch.data_ptr<acc>() + at::get_thread_num() * scratch_rows * N;
+    acc* buf = rp ? scratch.data_ptr<acc>() + at::get_thread_num() * N : nullptr;
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* xr = xp + row * N;
-      const acc* in;  // the row LayerNorm sees, in acc precision
-      if constexpr (is_reduced_v<scalar_t>) {
-        widen_row(xr, buf, N);
-        if (rp) {
-          // Round x + r once to the storage dtype, as eager `x + r` does, and normalise the
-          // rounded values so the result matches layer_norm(x + r) exactly.
-          widen_row(rp + row * N, buf + N, N);
-          int64_t i = 0;
-          for (; i + Vec::size() <= N; i += Vec::size())
-            (Vec::loadu(buf + i) + Vec::loadu(buf + N + i)).store(buf + i);
-          for (; i < N; ++i) buf[i] += buf[N + i];
-          narrow_row(buf, sp + row * N, N);
-          widen_row(sp + row * N, buf, N);
-        }
-        in = buf;
-      } else {
-        if (rp) {
-          const scalar_t* rr = rp + row * N;
-          scalar_t* sr = sp + row * N;
-          int64_t i = 0;
-          for (; i + Vec::size() <= N; i += Vec::size())
-            (Vec::loadu(xr + i) + Vec::loadu(rr + i)).store(sr + i);
-          for (; i < N; ++i) sr[i] = xr[i] + rr[i];
-          in = sr;
-        } else {
-          in = xr;
-        }
-      }
-      auto [mu, var] = row_moments(in, N);
-      const acc rs = acc(1) / std::sqrt(var + static_cast<acc>(eps));
+      const int64_t off = row * N;
+      auto [mu, rs] = rp ? add_layer_norm_row<scalar_t>(xp + off, rp + off, sp + off, buf, w, b,
+                                                        yp + off, N, ep, nt_sum, nt)
+                         : layer_norm_row<scalar_t>(xp + off, w, b, yp + off, N, ep, nt);
       meanp[row] = mu;
       rstdp[row] = rs;
-      if constexpr (is_reduced_v<scalar_t>) {
-        normalize_row<acc>(in, w, b, buf, N, mu, rs);
-        narrow_row(buf, yp + row * N, N);
-      } else {
-        normalize_row<acc>(in, w, b, yp + row * N, N, mu, rs);
-      }
     }
+    if (nt) stream_fence();
   });
 }
+
+// Sums of one backward row: g = dy * w (or dy), s1 = sum(g), s2 = sum(g * xhat).
+template <typename acc>
+struct BwdSums {
+  Vectorized<acc> s1lo{acc(0)}, s1hi{acc(0)}, s2lo{acc(0)}, s2hi{acc(0)};
+};
 
 template <typename scalar_t>
 void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
@@ -152,6 +349,9 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
                            at::Tensor& dx, at::Tensor& dweight, at::Tensor& dbias) {
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
+  using Ch = Chunk<scalar_t>;
+  constexpr int64_t C = Ch::size;
+  constexpr int64_t W = Vec::size();
   constexpr bool reduced = is_reduced_v<scalar_t>;
   const int64_t M = x.size(0), N = x.size(1);
   const int nthreads = at::get_num_threads();
@@ -165,48 +365,45 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   const acc* rstdp = rstd.const_data_ptr<acc>();
   scalar_t* dxp = dx.data_ptr<scalar_t>();
 
-  // Per-thread partial sums of dweight and dbias (zeroed once), and for bf16/fp16 three fp32
-  // scratch rows (dy, x, and dx before rounding).
+  // Per-thread partial sums of dweight and dbias, zeroed once.
   const bool partials = weight_grad || bias_grad;
   at::Tensor part = partials ? at::zeros({nthreads, 2 * N}, acc_opts) : at::Tensor();
-  const int64_t scratch_rows = reduced ? 3 : 0;
-  at::Tensor scratch = at::empty({nthreads, scratch_rows * N}, acc_opts);
+  const bool nt = stream_output(dx, N, C * sizeof(scalar_t));
 
   at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
     const int tid = at::get_thread_num();
     acc* dw_part = partials ? part.data_ptr<acc>() + tid * 2 * N : nullptr;
     acc* db_part = partials ? dw_part + N : nullptr;
-    acc* buf = scratch.data_ptr<acc>() + tid * scratch_rows * N;
     for (int64_t row = begin; row < end; ++row) {
-      const acc *g_row, *x_row;
-      if constexpr (reduced) {
-        widen_row(dyp + row * N, buf, N);
-        widen_row(xp + row * N, buf + N, N);
-        g_row = buf;
-        x_row = buf + N;
-      } else {
-        g_row = dyp + row * N;
-        x_row = xp + row * N;
-      }
+      const scalar_t* g_row = dyp + row * N;
+      const scalar_t* x_row = xp + row * N;
       const acc mu = meanp[row], rs = rstdp[row];
       const Vec vmu(mu), vrs(rs);
-      // Pass 1: sum(dy*w), sum(dy*w*xhat), and the weight/bias partials.
-      Vec vs1(0), vs2(0);
-      int64_t i = 0;
-      for (; i + Vec::size() <= N; i += Vec::size()) {
-        const Vec d = Vec::loadu(g_row + i);
-        const Vec xh = (Vec::loadu(x_row + i) - vmu) * vrs;
-        const Vec g = w ? d * Vec::loadu(w + i) : d;
-        vs1 = vs1 + g;
-        vs2 = at::vec::fmadd(g, xh, vs2);
+      // Pass 1, from memory: s1, s2 and the weight/bias partials (dw += dy * xhat, db += dy).
+      BwdSums<acc> a0, a1;
+      const int64_t t = over_chunks<C>(N, a0, a1, [&](int64_t i, BwdSums<acc>& a) {
+        Vec dlo, dhi, xlo, xhi;
+        Ch::load(g_row + i, dlo, dhi);
+        Ch::load(x_row + i, xlo, xhi);
+        const Vec hlo = (xlo - vmu) * vrs, hhi = (xhi - vmu) * vrs;
+        const Vec glo = w ? dlo * Vec::loadu(w + i) : dlo;
+        const Vec ghi = w ? dhi * Vec::loadu(w + i + W) : dhi;
+        a.s1lo = a.s1lo + glo;
+        a.s1hi = a.s1hi + ghi;
+        a.s2lo = at::vec::fmadd(glo, hlo, a.s2lo);
+        a.s2hi = at::vec::fmadd(ghi, hhi, a.s2hi);
         if (partials) {
-          at::vec::fmadd(d, xh, Vec::loadu(dw_part + i)).store(dw_part + i);
-          (Vec::loadu(db_part + i) + d).store(db_part + i);
+          at::vec::fmadd(dlo, hlo, Vec::loadu(dw_part + i)).store(dw_part + i);
+          at::vec::fmadd(dhi, hhi, Vec::loadu(dw_part + i + W)).store(dw_part + i + W);
+          (Vec::loadu(db_part + i) + dlo).store(db_part + i);
+          (Vec::loadu(db_part + i + W) + dhi).store(db_part + i + W);
         }
-      }
-      acc s1 = hsum(vs1), s2 = hsum(vs2);
-      for (; i < N; ++i) {
-        const acc d = g_row[i], xh = (x_row[i] - mu) * rs;
+      });
+      acc s1 = hsum((a0.s1lo + a0.s1hi) + (a1.s1lo + a1.s1hi));
+      acc s2 = hsum((a0.s2lo + a0.s2hi) + (a1.s2lo + a1.s2hi));
+      for (int64_t i = t; i < N; ++i) {
+        const acc d = static_cast<acc>(g_row[i]);
+        const acc xh = (static_cast<acc>(x_row[i]) - mu) * rs;
         const acc g = w ? d * w[i] : d;
         s1 += g;
         s2 += g * xh;
@@ -215,48 +412,43 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
           db_part[i] += d;
         }
       }
-      // Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dresidual), written as
-      // dx = a*g + k*xhat + c so the inner loop is two fused multiply-adds after xhat.
-      const acc a = rs, k = -rs * s2 / N, c = -rs * s1 / N;
-      const Vec va(a), vk(k), vc(c);
-      acc* out = reduced ? buf + 2 * N : nullptr;
+      // Pass 2, in L1: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dresidual, in acc
+      // before the single rounding), written as dx = a*g + k*xhat + c so the inner loop is two
+      // fused multiply-adds after xhat.
+      const acc ka = rs, kk = -rs * s2 / N, kc = -rs * s1 / N;
+      const Vec va(ka), vk(kk), vc(kc);
       const scalar_t* dr = drp ? drp + row * N : nullptr;
       scalar_t* dxr = dxp + row * N;
-      i = 0;
-      for (; i + Vec::size() <= N; i += Vec::size()) {
-        const Vec d = Vec::loadu(g_row + i);
-        const Vec g = w ? d * Vec::loadu(w + i) : d;
-        const Vec xh = (Vec::loadu(x_row + i) - vmu) * vrs;
-        Vec v = at::vec::fmadd(va, g, at::vec::fmadd(vk, xh, vc));
-        if constexpr (reduced) {
-          v.store(out + i);
+      int64_t i = 0;
+      for (; i + C <= N; i += C) {
+        Vec dlo, dhi, xlo, xhi;
+        Ch::load(g_row + i, dlo, dhi);
+        Ch::load(x_row + i, xlo, xhi);
+        const Vec glo = w ? dlo * Vec::loadu(w + i) : dlo;
+        const Vec ghi = w ? dhi * Vec::loadu(w + i + W) : dhi;
+        const Vec hlo = (xlo - vmu) * vrs, hhi = (xhi - vmu) * vrs;
+        Vec lo = at::vec::fmadd(va, glo, at::vec::fmadd(vk, hlo, vc));
+        Vec hi = at::vec::fmadd(va, ghi, at::vec::fmadd(vk, hhi, vc));
+        if (dr) {
+          Vec rlo, rhi;
+          Ch::load(dr + i, rlo, rhi);
+          lo = lo + rlo;
+          hi = hi + rhi;
+        }
+        if (nt) {
+          Ch::stream(dxr + i, lo, hi);
         } else {
-          if (dr) v = v + Vec::loadu(dr + i);
-          v.store(dxr + i);
+          Ch::store(dxr + i, lo, hi);
         }
       }
       for (; i < N; ++i) {
-        const acc g = w ? g_row[i] * w[i] : g_row[i];
-        acc v = a * g + k * ((x_row[i] - mu) * rs) + c;
-        if constexpr (reduced) {
-          out[i] = v;
-        } else {
-          if (dr) v += dr[i];
-          dxr[i] = v;
-        }
-      }
-      if constexpr (reduced) {
-        if (dr) {
-          // Add the residual's gradient in fp32 before the single rounding.
-          widen_row(dr, buf, N);
-          int64_t j = 0;
-          for (; j + Vec::size() <= N; j += Vec::size())
-            (Vec::loadu(out + j) + Vec::loadu(buf + j)).store(out + j);
-          for (; j < N; ++j) out[j] += buf[j];
-        }
-        narrow_row(out, dxr, N);
+        const acc g = w ? static_cast<acc>(g_row[i]) * w[i] : static_cast<acc>(g_row[i]);
+        acc v = ka * g + kk * ((static_cast<acc>(x_row[i]) - mu) * rs) + kc;
+        if (dr) v += static_cast<acc>(dr[i]);
+        dxr[i] = static_cast<scalar_t>(v);
       }
     }
+    if (nt) stream_fence();
   });
 
   if (!partials) return;
@@ -266,7 +458,7 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   const acc* pp = part.const_data_ptr<acc>();
   for (int t = 0; t < nthreads; ++t) {
     int64_t i = 0;
-    for (; i + Vec::size() <= 2 * N; i += Vec::size())
+    for (; i + W <= 2 * N; i += W)
       (Vec::loadu(tp + i) + Vec::loadu(pp + t * 2 * N + i)).store(tp + i);
     for (; i < 2 * N; ++i) tp[i] += pp[t * 2 * N + i];
   }
@@ -316,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   check_param(weight, x, op, "weight");
   check_param(bias, x, op, "bias");
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output_like(x);
   at::Tensor mean = at::empty({x.size(0)}, x.options().dtype(stat_dtype(x)));
   at::Tensor rstd = at::empty_like(mean);
   at::Tensor none;
@@ -337,8 +529,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
   check_param(weight, x, op, "weight");
   check_param(bias, x, op, "bias");
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor summed = at::empty_like(x);
+  at::Tensor y = empty_output_like(x);
+  at::Tensor summed = empty_output_like(x);
   at::Tensor mean = at::empty({x.size(0)}, x.options().dtype(stat_dtype(x)));
   at::Tensor rstd = at::empty_like(mean);
   if (x.numel() == 0) return {y, summed, mean, rstd};
@@ -370,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     check_cpu_float(*dresidual, op, "grad_residual");
     check_same(x, *dresidual, op, "input", "grad_residual");
   }
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = empty_output_like(x);
   at::Tensor dweight = at::empty({weight_grad ? x.size(1) : 0}, x.options());
   at::Tensor dbias = at::empty({bias_grad ? x.size(1) : 0}, x.options());
   if (x.size(0) == 0) {

@@ -367,3 +367,43 @@ def test_triton_backend_requires_interpreter_on_cpu():
     )
     out = run_python(code, FASTGPT_BACKEND="triton", TRITON_INTERPRET="0")
     assert "TRITON_INTERPRET=1" in out or "needs triton" in out
+
+
+def test_huge_page_outputs_match_plain_pages():
+    # Outputs of >= 4 MiB are advised for transparent huge pages (csrc/huge_pages.h); the values
+    # must not depend on it. FASTGPT_HUGE_PAGES=0 in a fresh process turns the advice off.
+    code = (
+        "import torch, fastgpt.functional as F\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, r = (torch.randn(1024, 1536, generator=g).requires_grad_() for _ in range(2))\n"
+        "w, b = (torch.randn(1536, generator=g).requires_grad_() for _ in range(2))\n"
+        "y, s = F.add_layer_norm(x, r, 1536, w, b)\n"
+        "gs = torch.autograd.grad((y, s), (x, r, w, b), (torch.cos(y), torch.sin(s)))\n"
+        "print(*[float(t.double().square().sum()) for t in (y, s, *gs)])\n"
+    )
+    assert run_python(code, FASTGPT_HUGE_PAGES="0") == run_python(code, FASTGPT_HUGE_PAGES="1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_streamed_large_outputs_match_row_slices(dtype):
+    # y and dx of >= 8 MiB are written with non-temporal stores (stream_output in
+    # csrc/layer_norm.cpp); the same rows run in slices of 256 take the ordinary stores. Each row
+    # is computed alone, so the bits must agree.
+    m, n = 16 * 1024**2 // (1024 * dtype.itemsize), 1024  # 16 MiB per (m, n) tensor
+    x, r, dy, ds = (make((m, n), dtype, seed, requires_grad=False) for seed in range(4))
+    w, b = make((n,), dtype, 4, False), make((n,), dtype, 5, False)
+    fwd, add_fwd = torch.ops.fastgpt.layer_norm_fwd, torch.ops.fastgpt.add_layer_norm_fwd
+    bwd = torch.ops.fastgpt.layer_norm_bwd
+    y, s, mean, rstd = add_fwd(x, r, w, b, 1e-5)
+    y_ln = fwd(x, w, b, 1e-5)[0]
+    dx = bwd(dy, s, mean, rstd, w, ds, True, True)[0]
+    for k in range(0, m, 256):
+        rows = slice(k, k + 256)
+        y_k, s_k, mean_k, rstd_k = add_fwd(x[rows], r[rows], w, b, 1e-5)
+        assert torch.equal(y_k, y[rows]) and torch.equal(s_k, s[rows])
+        assert torch.equal(fwd(x[rows], w, b, 1e-5)[0], y_ln[rows])
+        dx_k = bwd(dy[rows], s_k, mean_k, rstd_k, w, ds[rows], True, True)[0]
+        assert torch.equal(dx_k, dx[rows])
+    torch.testing.assert_close(s, x + r, atol=0, rtol=0)
+    want = TF.layer_norm(s.float(), (n,), w.float(), b.float())
+    assert_close(y, want.to(dtype), dtype)

@@ -26,6 +26,7 @@
 // bf16/fp16 inputs are widened to fp32 once (O(T·D)) and the results rounded once on the way out;
 // float64 (gradcheck) computes in double.
 #include "common.h"
+#include "huge_pages.h"
 
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
@@ -712,6 +713,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const auto acc_t = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor qa = q.to(acc_t), ka = k.to(acc_t), va = v.to(acc_t);  // no copy for fp32/fp64
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(acc_t));
+  advise_huge_pages(out);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_t));
   const DropoutMask drop(dropout_p, seed_v, offset);
   if (q.numel() > 0 && k.size(2) > 0) {
@@ -760,6 +762,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   auto opts = q.options().dtype(acc_t);
   at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts),
              dv = at::empty(v.sizes(), opts);
+  for (const at::Tensor& t : {dq, dk, dv}) advise_huge_pages(t);
   const DropoutMask drop(dropout_p, seed_v, offset);
   if (q.numel() > 0 && k.numel() > 0) {
     if (acc_t == at::kDouble) {

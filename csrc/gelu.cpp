@@ -34,6 +34,7 @@
 //   erf:   dy/dx = P + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 #include "common.h"
 #include "gelu_tables.h"
+#include "huge_pages.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -432,7 +433,7 @@ at::Tensor gelu_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
   check_cpu_float(x, op, "input");
   const Approx approx = parse_approximate(approximate, op);
   const at::Tensor b = check_bias(bias, x, op);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output_like(x);
   if (x.numel() == 0) return y;
   FASTGPT_DISPATCH_GELU(x.scalar_type(), approx, op, [&] {
     gelu_fwd_kernel<scalar_t, A>(x, b, y);
@@ -450,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor> gelu_bwd(const at::Tensor& dy, const at::Tens
   const Approx approx = parse_approximate(approximate, op);
   const at::Tensor b = check_bias(bias, x, op);
   TORCH_CHECK(!bias_grad || b.defined(), op, ": bias_grad needs a bias");
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = empty_output_like(x);
   at::Tensor dbias = at::empty({bias_grad ? b.numel() : 0}, x.options());
   if (x.numel() == 0) {
     dbias.zero_();  // a sum over no rows

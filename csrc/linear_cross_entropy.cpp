@@ -12,6 +12,7 @@
 // computes the losses only and the backward runs this op again with `row_scale = grad_output`.
 // Peak memory beyond inputs and gradients: the chunk buffer.
 #include "cross_entropy.h"
+#include "huge_pages.h"
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -89,11 +90,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   at::Tensor d_weight = at::empty({weight_grad ? V : 0, weight_grad ? C : 0}, opts);
   at::Tensor d_bias_acc = bias_grad ? at::zeros({V}, opts.dtype(acc_type)) : at::Tensor();
   const bool any_grad = input_grad || weight_grad || bias_grad;
+  advise_huge_pages(d_input);
+  advise_huge_pages(d_weight);
   if (weight_grad && N == 0) d_weight.zero_();
 
   const double scale = reduction == ce::kMean && valid ? 1.0 / static_cast<double>(valid) : 1.0;
   const int64_t R = chunk_rows_for(chunk_rows, N, V, input.element_size());
   at::Tensor buf = at::empty({N ? R : 0, V}, opts);
+  advise_huge_pages(buf);  // written in full by every chunk's product
   const at::Tensor wt = weight.t();
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rows = std::min(R, N - r0);

@@ -19,7 +19,10 @@ in ``Built.skip`` with the reason, which the suites and ``fastgpt bench`` print.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -152,21 +155,47 @@ def _targets(n, v, device, seed=5):
 # ---- the memory floor of a row-wise / elementwise op -----------------------------------------
 
 
+_HUGE = 2 << 20
+
+
+def _fresh_like(t: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like, with the large-output policy of fastgpt's C++ kernels (csrc/
+    huge_pages.h): the 2 MiB-aligned interior of a CPU block of >= 4 MiB advised for transparent
+    huge pages before its first write, unless FASTGPT_HUGE_PAGES=0."""
+    out = torch.empty_like(t)
+    if out.device.type == "cpu" and out.nbytes >= 2 * _HUGE and _huge_pages_on():
+        begin = out.data_ptr()
+        lo, hi = -(-begin // _HUGE) * _HUGE, (begin + out.nbytes) // _HUGE * _HUGE
+        if hi > lo:
+            _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 14)  # MADV_HUGEPAGE
+    return out
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _huge_pages_on() -> bool:
+    return sys.platform == "linux" and os.environ.get("FASTGPT_HUGE_PAGES", "1") != "0"
+
+
 class _MemoryFloor(torch.autograd.Function):
     """What no LayerNorm or GELU can beat: the forward reads x once into a fresh output (a
-    copy), the backward reads dy and x once into a fresh dx (dy + x). Fresh outputs, as every
-    contender's are, so their first-touch page faults count too; no arithmetic to speak of.
-    The vectors (weight, bias) get zero gradients: a reduction in the same pass costs no traffic."""
+    copy), the backward reads dy and x once into a fresh dx (dy + x). Fresh outputs allocated as
+    fastgpt's kernels allocate theirs (_fresh_like), so their first-touch page faults count too;
+    no arithmetic to speak of. The vectors (weight, bias) get zero gradients: a reduction in the
+    same pass costs no traffic."""
 
     @staticmethod
     def forward(ctx, x, *vectors):
         ctx.save_for_backward(x, *vectors)
-        return x.clone()
+        return _fresh_like(x).copy_(x)
 
     @staticmethod
     def backward(ctx, dy):
         x, *vectors = ctx.saved_tensors
-        return dy + x, *(torch.zeros_like(v) for v in vectors)
+        return torch.add(dy, x, out=_fresh_like(x)), *(torch.zeros_like(v) for v in vectors)
 
 
 def memory_floor(x, *vectors):

@@ -10,17 +10,12 @@
 #pragma once
 
 #include "common.h"
+#include "huge_pages.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace fastgpt {
 namespace ce {
@@ -175,23 +170,12 @@ inline void zero_row(scalar_t* grad, int64_t V) {
 
 // A fresh (rows, V) gradient buffer. The first write to a new page of a large allocation faults
 // in the kernel, and at GPT-2's 4096 x 50257 fp32 (823 MB, 200K small pages) that costs more than
-// the arithmetic. Large buffers are therefore allocated 2 MiB-aligned and advised as transparent
-// huge pages (512x fewer faults), whatever the process-wide THP_MEM_ALLOC_ENABLE setting; the
-// tensor frees them itself. Small ones take the normal allocator.
+// the arithmetic: large buffers are advised as transparent huge pages (huge_pages.h, 512x fewer
+// faults). ATen's allocator still owns the memory, so the gradient is an ordinary tensor.
 inline at::Tensor empty_grad_buffer(int64_t rows, int64_t V, const at::TensorOptions& opts) {
-  constexpr size_t kHuge = size_t{2} << 20;
-  const size_t nbytes = static_cast<size_t>(rows * V) * opts.dtype().itemsize();
-#if defined(__linux__)
-  if (nbytes >= 4 * kHuge) {
-    const size_t padded = (nbytes + kHuge - 1) / kHuge * kHuge;
-    void* p = std::aligned_alloc(kHuge, padded);
-    if (p != nullptr) {
-      madvise(p, padded, MADV_HUGEPAGE);  // advisory: on failure the pages are just small
-      return at::from_blob(p, {rows, V}, [](void* q) { std::free(q); }, opts);
-    }
-  }
-#endif
-  return at::empty({rows, V}, opts);
+  at::Tensor buf = at::empty({rows, V}, opts);
+  advise_huge_pages(buf);
+  return buf;
 }
 
 // Validates the targets (never reading a logit out of bounds) and counts the non-ignored ones.

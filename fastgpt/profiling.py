@@ -105,6 +105,8 @@ def time_call(fn: Callable[[], object], device: str = "cpu", repeat: int = 5, wa
 
 
 def allocator_settings() -> str:
-    """The allocator settings every contender of a run shares, for the report."""
+    """The allocator settings of a run, for the report: torch's (every torch allocation) and
+    fastgpt's huge-page advice for its kernels' large CPU outputs (see csrc/huge_pages.h)."""
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
-    return f"THP_MEM_ALLOC_ENABLE={thp}, glibc malloc defaults"
+    huge = "0" if os.environ.get("FASTGPT_HUGE_PAGES", "1") == "0" else "1"
+    return f"THP_MEM_ALLOC_ENABLE={thp}, FASTGPT_HUGE_PAGES={huge}, glibc malloc defaults"

@@ -88,25 +88,9 @@ struct GeluMath {
   }
 #endif
 
-  // 1 / d for d >= 1 (finite). On AVX-512 fp32: rcp14 (relative error < 2^-14) and one Newton
-  // step (error ~2^-28 plus rounding, ~1 ulp): 3 cheap ops in place of a vdivps, whose 512-bit
-  // form has a reciprocal throughput of ~10 cycles (it bounded the whole loop).
-  static Vec recip(const Vec& d) {
-#if defined(CPU_CAPABILITY_AVX512)
+  static Vec erfc_pos(const Vec& a) {  // erfc(a) for a >= 0
     if constexpr (std::is_same_v<acc, float>) {
-      const __m512 r = _mm512_rcp14_ps(d);
-      return Vec(_mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f))));
-    }
-#endif
-    return Vec(acc(1)) / d;
-  }
-
-  static Vec erfc_pos(const Vec& a_in) {  // erfc(a) for a >= 0
-    if constexpr (std::is_same_v<acc, float>) {
-      // erfc(a) is 0 in fp32 beyond a ~ 10.1; clamping keeps a = inf from giving inf * 0 = nan in
-      // the reciprocal's Newton step (NaN still propagates through minimum).
-      const Vec a = at::vec::minimum(a_in, Vec(20.f));
-      const Vec t = recip(at::vec::fmadd(a, Vec(0.5f), Vec(1.f)));
+      const Vec t = Vec(1.f) / at::vec::fmadd(a, Vec(0.5f), Vec(1.f));
       // R(t) = sum c_k t^k, k = 0..9, by Estrin's scheme: a dependency chain of 5 operations
       // instead of Horner's 9, so that the out-of-order core overlaps more elements.
       auto pair = [&](float c0, float c1) { return at::vec::fmadd(t, Vec(c1), Vec(c0)); };
@@ -119,7 +103,7 @@ struct GeluMath {
       const Vec r = at::vec::fmadd(t8, pair(-0.82215223f, 0.17087277f), r0);
       return t * exp_neg(r - a * a);
     } else {
-      return a_in.erfc();
+      return a.erfc();
     }
   }
 
@@ -135,7 +119,7 @@ struct GeluMath {
       // |u| = |x| (beta + beta kappa x^2)
       const Vec au = x.abs() * at::vec::fmadd(x * x, Vec(kBeta * kKappa), Vec(kBeta));
       const Vec z = exp_neg(au * Vec(acc(-2)));
-      return z * recip(z + Vec(acc(1)));
+      return z / (z + Vec(acc(1)));
     } else {
       return erfc_pos(x.abs() * Vec(kInvSqrt2)) * Vec(acc(0.5));
     }

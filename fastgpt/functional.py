@@ -14,7 +14,7 @@ import torch
 from fastgpt import _backend, reference
 from fastgpt.ops.attention import AttentionFunction
 from fastgpt.ops.cross_entropy import REDUCTIONS, CrossEntropyFunction
-from fastgpt.ops.gelu import GeluFunction
+from fastgpt.ops.gelu import GeluFunction, GeluLinearFunction
 from fastgpt.ops.layer_norm import LayerNormFunction
 from fastgpt.ops.linear_cross_entropy import LinearCrossEntropyFunction
 
@@ -23,6 +23,7 @@ __all__ = [
     "add_layer_norm",
     "gelu",
     "bias_gelu",
+    "bias_gelu_linear",
     "scaled_dot_product_attention",
     "cross_entropy",
     "linear_cross_entropy",
@@ -162,6 +163,50 @@ def bias_gelu(input: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh"
         )
     out = _gelu("bias_gelu", input, bias, approximate)
     return reference.bias_gelu(input, bias, approximate) if out is None else out
+
+
+def bias_gelu_linear(
+    input: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight: torch.Tensor,
+    linear_bias: torch.Tensor | None = None,
+    approximate: str = "tanh",
+) -> torch.Tensor:
+    """``linear(gelu(input + bias), weight, linear_bias)``: an MLP's activation and second
+    matmul, without keeping the GELU output for the backward.
+
+    Same values and gradients as the two calls; autograd would save the GELU output (the input
+    of the matmul) beside ``input``, and this saves only ``input`` and recomputes the GELU in
+    the backward (one elementwise pass). ``bias`` (C,) or None (plain GELU); ``weight`` (N, C);
+    ``linear_bias`` (N,) or None.
+    """
+    if input.dim() == 0:
+        raise RuntimeError("bias_gelu_linear: input must have at least one dim")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != input.shape[-1]):
+        raise RuntimeError(
+            f"bias_gelu_linear: bias of shape {list(bias.shape)} must be 1-D with the size of the "
+            f"input's last dim (input shape {list(input.shape)})"
+        )
+    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise RuntimeError(
+            f"bias_gelu_linear: weight of shape {list(weight.shape)} must be (out_features, "
+            f"{input.shape[-1]}) for an input of shape {list(input.shape)}"
+        )
+    if approximate not in _APPROXIMATIONS:
+        raise RuntimeError("bias_gelu_linear: approximate argument must be either none or tanh.")
+    backend = _backend.backend_for(input)
+    why = _unsupported(backend, (bias, weight, linear_bias), input)
+    if why:
+        _backend.fallback("bias_gelu_linear", why)
+        g = (
+            reference.gelu(input, approximate)
+            if bias is None
+            else reference.bias_gelu(input, bias, approximate)
+        )
+        return torch.nn.functional.linear(g, weight, linear_bias)
+    b = None if bias is None else bias.contiguous()
+    x = input.contiguous()
+    return GeluLinearFunction.apply(x, b, weight, linear_bias, approximate, backend)
 
 
 # ---- attention (kernel path: fastgpt/ops/attention.py) ----------------------------------------

@@ -379,3 +379,113 @@ def test_mixed_dtype_and_integer_run_reference_and_log_once(caplog):
         F.bias_gelu(x, b)
     assert_close(y, reference.bias_gelu(x, b, "tanh"), torch.bfloat16)
     assert sum("mixed dtype" in r.message for r in caplog.records) == 1
+
+
+# ---- bias_gelu_linear: the MLP's GELU + second matmul, the GELU output recomputed -------------
+
+
+def gelu_linear_inputs(lead, c, n, dtype, with_bias, with_linear_bias):
+    x = make((*lead, c), dtype, 0)
+    b = make((c,), dtype, 1) if with_bias else None
+    w = make((n, c), dtype, 2, scale=0.1)
+    lb = make((n,), dtype, 3) if with_linear_bias else None
+    return x, b, w, lb
+
+
+@pytest.mark.parametrize("with_linear_bias", [True, False], ids=["linear_bias", "no_linear_bias"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bias_gelu_linear_parity(backend, dtype, approximate, with_bias, with_linear_bias):
+    for lead, c, n in [((17,), 40, 23), ((2, 3), 1023, 17), ((1,), 1, 5)]:
+        x, b, w, lb = gelu_linear_inputs(lead, c, n, dtype, with_bias, with_linear_bias)
+        ins = [t for t in (x, b, w, lb) if t is not None]
+        y = F.bias_gelu_linear(x, b, w, lb, approximate)
+        assert y.shape == (*lead, n) and y.dtype == dtype
+        dy = make(y.shape, dtype, 4, requires_grad=False, scale=1.0)
+        got = torch.autograd.grad(y, ins, dy)
+        # torch's own modules in fp32 on the same inputs ...
+        hi = [t.detach().float().requires_grad_() for t in ins]
+        xh, bh, wh, lbh = (hi.pop(0) if t is not None else None for t in (x, b, w, lb))
+        hi = [t for t in (xh, bh, wh, lbh) if t is not None]
+        g = TF.gelu(xh if bh is None else xh + bh, approximate=approximate)
+        if dtype != torch.float32:
+            g = g.to(dtype).float()  # the GELU output is rounded once, as the op's
+        y_t = TF.linear(g, wh, lbh)
+        assert_close(y, y_t.to(dtype), dtype, reduction_scale(c))
+        for a, e in zip(got, torch.autograd.grad(y_t, hi, dy.float())):
+            assert_close(a, e.to(dtype), dtype, reduction_scale(max(c, x.numel() // c)))
+        # ... and the two-call composition it replaces, on this backend.
+        g2 = F.gelu(x, approximate) if b is None else F.bias_gelu(x, b, approximate)
+        y2 = TF.linear(g2, w, lb)
+        assert_close(y, y2, dtype)
+        for a, e in zip(got, torch.autograd.grad(y2, ins, dy)):
+            assert_close(a, e, dtype, 4)
+
+
+def saved_storages(fn):
+    """Data pointers of the storages autograd saves while ``fn()`` runs."""
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+def test_bias_gelu_linear_keeps_only_its_inputs(backend):
+    x, b, w, lb = gelu_linear_inputs((64,), 96, 32, torch.float32, True, True)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, b, w)}
+    saved, y = saved_storages(lambda: F.bias_gelu_linear(x, b, w, lb))
+    if backend == "reference":
+        # The reference path is the plain composition: it keeps the GELU output.
+        assert len(saved - inputs) >= 1
+    else:
+        assert saved <= inputs, "the GELU output must not be kept for the backward"
+    # The composition it replaces keeps more, which is the point.
+    saved2, _ = saved_storages(lambda: TF.linear(F.bias_gelu(x, b), w, lb))
+    assert len(saved2 - inputs) >= 1
+    y.sum().backward()
+    assert x.grad is not None and b.grad is not None and w.grad is not None
+
+
+def test_bias_gelu_linear_gradcheck_and_compile():
+    with run_on(BEST_CPU):
+        x, b, w, lb = gelu_linear_inputs((3, 5), 13, 7, torch.float64, True, True)
+        for approx in APPROXIMATIONS:
+            assert torch.autograd.gradcheck(
+                lambda *a, ap=approx: F.bias_gelu_linear(*a, approximate=ap), (x, b, w, lb)
+            )
+        assert torch.autograd.gradcheck(lambda a, c: F.bias_gelu_linear(a, None, c), (x, w))
+
+    torch._dynamo.reset()
+
+    def mlp(h, w1, b1, w2, b2):
+        return F.bias_gelu_linear(h @ w1.t(), b1, w2, b2)
+
+    compiled = torch.compile(mlp, fullgraph=True)
+    h = make((2, 9, 32), torch.float32, 5)
+    w1, b1 = make((64, 32), torch.float32, 6, scale=0.2), make((64,), torch.float32, 7)
+    w2, b2 = make((32, 64), torch.float32, 8, scale=0.2), make((32,), torch.float32, 9)
+    ins = [h, w1, b1, w2, b2]
+    with run_on(BEST_CPU):
+        out, out_e = compiled(*ins), mlp(*ins)
+        assert_close(out, out_e, torch.float32)
+        dy = make(out.shape, torch.float32, 10, False)
+        for g, e in zip(torch.autograd.grad(out, ins, dy), torch.autograd.grad(out_e, ins, dy)):
+            assert_close(g, e, torch.float32, 4)
+
+
+def test_bias_gelu_linear_argument_errors(backend):
+    w = torch.randn(5, 8)
+    with pytest.raises(RuntimeError, match="approximate argument must be either none or tanh"):
+        F.bias_gelu_linear(X, B, w, approximate="exact")
+    with pytest.raises(RuntimeError, match="bias_gelu_linear: bias of shape"):
+        F.bias_gelu_linear(X, torch.randn(4), w)
+    with pytest.raises(RuntimeError, match="bias_gelu_linear: weight of shape"):
+        F.bias_gelu_linear(X, B, torch.randn(5, 15))
+    with pytest.raises(RuntimeError, match="at least one dim"):
+        F.bias_gelu_linear(torch.tensor(1.0), None, w)

@@ -52,3 +52,46 @@ class GeluFunction(torch.autograd.Function):
         bwd = _backend.kernel("gelu", "gelu_bwd", ctx.backend, x.device)
         dx, dbias = bwd(dy.contiguous(), x, bias, ctx.approximate, bias_grad)
         return dx, dbias if bias_grad else None, None, None
+
+
+class GeluLinearFunction(torch.autograd.Function):
+    """linear(gelu(x + bias), weight, linear_bias) that does not keep the GELU output.
+
+    An MLP's second matmul needs its input, gelu(x + bias), in the backward (for the weight
+    gradient). Autograd would keep it beside x, which the GELU's own backward needs: two
+    activations of the MLP's widest size per layer. This saves only x and recomputes the GELU in
+    the backward, one extra elementwise pass against a matmul that is ~C times more work.
+    x: (..., C) contiguous; bias (C,) or None; weight (N, C); linear_bias (N,) or None.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, weight, linear_bias, approximate, backend):
+        fwd = _backend.kernel("gelu", "gelu_fwd", backend, x.device)
+        y = torch.nn.functional.linear(fwd(x, bias, approximate), weight, linear_bias)
+        ctx.save_for_backward(x, bias, weight)
+        ctx.approximate = approximate
+        ctx.backend = backend
+        ctx.has_linear_bias = linear_bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias, weight = ctx.saved_tensors
+        need_x, need_bias, need_weight, need_linear_bias = ctx.needs_input_grad[:4]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dweight = dlinear_bias = dx = dbias = None
+        if need_weight:
+            fwd = _backend.kernel("gelu", "gelu_fwd", ctx.backend, x.device)
+            g = fwd(x, bias, ctx.approximate)  # the recomputed GELU output
+            dweight = dy2.t().mm(g.reshape(-1, g.shape[-1]))
+            del g
+        if need_linear_bias and ctx.has_linear_bias:
+            dlinear_bias = dy2.sum(0)
+        if need_x or need_bias:
+            bias_grad = bias is not None and need_bias
+            bwd = _backend.kernel("gelu", "gelu_bwd", ctx.backend, x.device)
+            dg = dy2.mm(weight).view(x.shape)
+            dx, dbias = bwd(dg, x, bias, ctx.approximate, bias_grad)
+            dx = dx if need_x else None
+            dbias = dbias if bias_grad else None
+        return dx, dbias, dweight, dlinear_bias, None, None

@@ -32,6 +32,7 @@
 // Derivatives (s(1 - s) = T(1 - T) for the sigmoid, as sigmoid is symmetric):
 //   tanh:  dy/dx = P + 2 x T (1 - T) sqrt(2/pi) (1 + 3 * 0.044715 x^2)   (x clamped to +-20)
 //   erf:   dy/dx = P + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+#include "chunk.h"
 #include "common.h"
 #include "gelu_tables.h"
 #include "huge_pages.h"
@@ -168,71 +169,6 @@ struct GeluMath {
   }
 };
 
-// ---- loading and storing chunks of 2 acc vectors (one bf16/fp16 vector) ---------------------
-
-template <typename scalar_t>
-struct Chunk {
-  using acc = acc_t<scalar_t>;
-  using Vec = Vectorized<acc>;
-  static constexpr int64_t W = Vec::size();
-  static constexpr int64_t kSize = 2 * W;
-
-  // Exactly kSize elements: no length branches (the loops' fast path).
-  static void load_full(const scalar_t* p, Vec& lo, Vec& hi) {
-    if constexpr (is_reduced_v<scalar_t>) {
-      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
-    } else {
-      lo = Vec::loadu(p);
-      hi = Vec::loadu(p + W);
-    }
-  }
-  static void store_full(scalar_t* p, const Vec& lo, const Vec& hi) {
-    if constexpr (is_reduced_v<scalar_t>) {
-      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
-    } else {
-      lo.store(p);
-      hi.store(p + W);
-    }
-  }
-
-  // n <= kSize elements; lanes past n read as 0.
-  static void load(const scalar_t* p, int64_t n, Vec& lo, Vec& hi) {
-    if constexpr (is_reduced_v<scalar_t>) {
-      auto v = n == kSize ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n);
-      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(v);
-    } else if (n == kSize) {
-      lo = Vec::loadu(p);
-      hi = Vec::loadu(p + W);
-    } else {
-      lo = Vec::loadu(p, std::min(n, W));
-      hi = n > W ? Vec::loadu(p + W, n - W) : Vec(acc(0));
-    }
-  }
-
-  static void store(scalar_t* p, int64_t n, const Vec& lo, const Vec& hi) {
-    if constexpr (is_reduced_v<scalar_t>) {
-      auto v = at::vec::convert_from_float<scalar_t>(lo, hi);
-      n == kSize ? v.store(p) : v.store(p, n);
-    } else if (n == kSize) {
-      lo.store(p);
-      hi.store(p + W);
-    } else {
-      lo.store(p, std::min(n, W));
-      if (n > W) hi.store(p + W, n - W);
-    }
-  }
-
-  // The same for an acc row (the bias partials), always acc-typed.
-  static void load_acc(const acc* p, int64_t n, Vec& lo, Vec& hi) {
-    lo = Vec::loadu(p, std::min(n, W));
-    hi = n > W ? Vec::loadu(p + W, n - W) : Vec(acc(0));
-  }
-  static void store_acc(acc* p, int64_t n, const Vec& lo, const Vec& hi) {
-    lo.store(p, std::min(n, W));
-    if (n > W) hi.store(p + W, n - W);
-  }
-};
-
 // Calls seg(offset, col, len) for each piece of the flat range [begin, end) that stays inside one
 // row of C columns (C = the range's length when there is no bias: one piece).
 template <typename F>
@@ -262,18 +198,18 @@ void gelu_fwd_kernel(const at::Tensor& x, const at::Tensor& bias, at::Tensor& y)
     for_each_row_piece(begin, end, C, [&](int64_t off, int64_t col, int64_t len) {
       // Full chunks with no length branches (two per iteration: independent dependency chains
       // the core can overlap), then the tail once, masked.
-      const int64_t full = len - len % C_::kSize;
+      const int64_t full = len - len % C_::size;
       auto step = [&](int64_t j, int64_t n, auto is_full) {
         Vec lo, hi;
         if constexpr (decltype(is_full)::value) {
-          C_::load_full(xp + off + j, lo, hi);
+          C_::load(xp + off + j, lo, hi);
         } else {
           C_::load(xp + off + j, n, lo, hi);
         }
         if (bp) {
           Vec blo, bhi;
           if constexpr (decltype(is_full)::value) {
-            C_::load_full(bp + col + j, blo, bhi);
+            C_::load(bp + col + j, blo, bhi);
           } else {
             C_::load(bp + col + j, n, blo, bhi);
           }
@@ -282,13 +218,13 @@ void gelu_fwd_kernel(const at::Tensor& x, const at::Tensor& bias, at::Tensor& y)
         }
         const Vec ylo = M::template forward<A>(lo), yhi = M::template forward<A>(hi);
         if constexpr (decltype(is_full)::value) {
-          C_::store_full(yp + off + j, ylo, yhi);
+          C_::store(yp + off + j, ylo, yhi);
         } else {
           C_::store(yp + off + j, n, ylo, yhi);
         }
       };
 #pragma GCC unroll 2
-      for (int64_t j = 0; j < full; j += C_::kSize) step(j, C_::kSize, std::true_type{});
+      for (int64_t j = 0; j < full; j += C_::size) step(j, C_::size, std::true_type{});
       if (full < len) step(full, len - full, std::false_type{});
     });
   });
@@ -318,13 +254,13 @@ void gelu_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     acc* dpart = bias_grad ? part.data_ptr<acc>() + at::get_thread_num() * C : nullptr;
     for_each_row_piece(begin, end, C, [&](int64_t off, int64_t col, int64_t len) {
       // Full chunks with no length branches (two per iteration), then the tail once, masked.
-      const int64_t full = len - len % C_::kSize;
+      const int64_t full = len - len % C_::size;
       auto step = [&](int64_t j, int64_t n, auto is_full) {
         constexpr bool kFull = decltype(is_full)::value;
         Vec lo, hi, glo, ghi;
         if constexpr (kFull) {
-          C_::load_full(xp + off + j, lo, hi);
-          C_::load_full(dyp + off + j, glo, ghi);
+          C_::load(xp + off + j, lo, hi);
+          C_::load(dyp + off + j, glo, ghi);
         } else {
           C_::load(xp + off + j, n, lo, hi);
           C_::load(dyp + off + j, n, glo, ghi);
@@ -332,7 +268,7 @@ void gelu_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
         if (bp) {
           Vec blo, bhi;
           if constexpr (kFull) {
-            C_::load_full(bp + col + j, blo, bhi);
+            C_::load(bp + col + j, blo, bhi);
           } else {
             C_::load(bp + col + j, n, blo, bhi);
           }
@@ -343,7 +279,7 @@ void gelu_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
         const Vec dlo = glo * M::template derivative<A>(lo);
         const Vec dhi = ghi * M::template derivative<A>(hi);
         if constexpr (kFull) {
-          C_::store_full(dxp + off + j, dlo, dhi);
+          C_::store(dxp + off + j, dlo, dhi);
         } else {
           C_::store(dxp + off + j, n, dlo, dhi);
         }
@@ -354,7 +290,7 @@ void gelu_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
         }
       };
 #pragma GCC unroll 2
-      for (int64_t j = 0; j < full; j += C_::kSize) step(j, C_::kSize, std::true_type{});
+      for (int64_t j = 0; j < full; j += C_::size) step(j, C_::size, std::true_type{});
       if (full < len) step(full, len - full, std::false_type{});
     });
   });
@@ -364,8 +300,8 @@ void gelu_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   acc* total = part.data_ptr<acc>();
   for (int t = 1; t < nthreads; ++t) {
     const acc* row = total + t * C;
-    for (int64_t j = 0; j < C; j += C_::kSize) {
-      const int64_t n = std::min(C_::kSize, C - j);
+    for (int64_t j = 0; j < C; j += C_::size) {
+      const int64_t n = std::min(C_::size, C - j);
       Vec a0, a1, b0, b1;
       C_::load_acc(total + j, n, a0, a1);
       C_::load_acc(row + j, n, b0, b1);

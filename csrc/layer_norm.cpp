@@ -19,6 +19,7 @@
 // written with non-temporal stores (stream_output), so each output byte crosses the memory bus
 // once. fwd+bwd then moves 5 row-sets (LN) and 8 (add_LN) against eager's 7 and 14 (counting its
 // write-allocates); those ratios, 1.4x and 1.75x, bound the speed-up where neither side faults.
+#include "chunk.h"
 #include "common.h"
 #include "huge_pages.h"
 
@@ -36,79 +37,6 @@ namespace fastgpt {
 namespace {
 
 using at::vec::Vectorized;
-
-// Two acc vectors of a row in storage dtype scalar_t: 2 * Vectorized<acc>::size() elements,
-// which for bf16/fp16 is exactly one Vectorized<scalar_t>.
-template <typename scalar_t>
-struct Chunk {
-  using acc = acc_t<scalar_t>;
-  using Vec = Vectorized<acc>;
-  static constexpr int64_t size = 2 * Vec::size();
-  static_assert(!is_reduced_v<scalar_t> || Vectorized<scalar_t>::size() == size);
-
-  static void load(const scalar_t* p, Vec& lo, Vec& hi) {
-    if constexpr (is_reduced_v<scalar_t>) {
-      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
-    } else {
-      lo = Vec::loadu(p);
-      hi = Vec::loadu(p + Vec::size());
-    }
-  }
-  // Stores lo/hi rounded to scalar_t and leaves them holding the rounded values.
-  static void store_rounded(scalar_t* p, Vec& lo, Vec& hi) {
-    if constexpr (is_reduced_v<scalar_t>) {
-      const auto packed = at::vec::convert_from_float<scalar_t>(lo, hi);
-      packed.store(p);
-      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(packed);
-    } else {
-      lo.store(p);
-      hi.store(p + Vec::size());
-    }
-  }
-  // Rounds lo/hi to scalar_t's precision in registers (a no-op for fp32/fp64).
-  static void round(Vec& lo, Vec& hi) {
-    if constexpr (is_reduced_v<scalar_t>) {
-      std::tie(lo, hi) =
-          at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi));
-    }
-  }
-  static void store(scalar_t* p, const Vec& lo, const Vec& hi) {
-    if constexpr (is_reduced_v<scalar_t>) {
-      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
-    } else {
-      lo.store(p);
-      hi.store(p + Vec::size());
-    }
-  }
-  // As store, but non-temporal: the lines go to memory without first being read into the cache
-  // (a normal store to a line not in cache reads it first, so a streamed output costs 1x its
-  // bytes of memory traffic instead of 2x). Each vector's address must be aligned to its size:
-  // stream_output checks that for the whole output.
-  static void stream(scalar_t* p, const Vec& lo, const Vec& hi) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (is_reduced_v<scalar_t>) {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(p),
-                          __m512i(at::vec::convert_from_float<scalar_t>(lo, hi)));
-      return;
-    } else if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm512_stream_ps(p, __m512(lo));
-      _mm512_stream_ps(p + Vec::size(), __m512(hi));
-      return;
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (is_reduced_v<scalar_t>) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
-                          __m256i(at::vec::convert_from_float<scalar_t>(lo, hi)));
-      return;
-    } else if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm256_stream_ps(p, __m256(lo));
-      _mm256_stream_ps(p + Vec::size(), __m256(hi));
-      return;
-    }
-#endif
-    store(p, lo, hi);
-  }
-};
 
 // Whether a kernel writes its (M, n) output `out` with non-temporal stores. Only large outputs:
 // LayerNorm is memory-bound there (fp32 8192x768: ~8 GB/s a core), and the read-for-ownership

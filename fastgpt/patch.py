@@ -8,7 +8,9 @@ The work is driven by ``RULES``, a table from a module predicate to a replacemen
 a model's forward. Three mechanisms cover the rules:
 
 * **class swap** — the module's class becomes a subclass with one method replaced (for
-  ``nn.LayerNorm`` and ``nn.GELU`` that subclass is simply ``fastgpt.nn.LayerNorm``/``GELU``).
+  ``nn.LayerNorm`` and ``nn.GELU`` that subclass is simply ``fastgpt.nn.LayerNorm``/``GELU``;
+  transformers' ``GPT2MLP`` gets a forward running its GELU and ``c_proj`` as one
+  ``bias_gelu_linear``, which keeps the GELU input instead of its output for the backward).
   Parameters, buffers, hooks, state_dict keys and ``isinstance`` all stay as they were.
 * **functional rebinding** — a user module whose ``forward`` calls ``torch.nn.functional``'s
   ``layer_norm``/``gelu``/``scaled_dot_product_attention``/``cross_entropy`` (nanoGPT's
@@ -159,6 +161,53 @@ def _gelu_erf_forward(self, input):
 _GELU_FORWARDS = {"tanh": _gelu_tanh_forward, "none": _gelu_erf_forward}
 
 
+# -- transformers GPT-2 MLP: the GELU and c_proj as one bias_gelu_linear ------------------------
+
+
+def _hf_gpt2_mlp(m: nn.Module) -> bool:
+    t = type(m)
+    return t.__module__ == "transformers.models.gpt2.modeling_gpt2" and t.__name__ == "GPT2MLP"
+
+
+def _hf_mlp_approximate(m: nn.Module) -> str | None:
+    """The GELU of ``m.act`` ("tanh" / "none"), also once patched; None for anything else."""
+    for cls in type(m.act).__mro__:
+        if cls.__module__ == "transformers.activations" and cls.__name__ in _HF_GELUS:
+            if type(m.act).forward not in (cls.forward, *_GELU_FORWARDS.values()):
+                return None  # a subclass with its own forward
+            return _HF_GELUS[cls.__name__]
+    return None
+
+
+def _hf_mlp_refuse(m: nn.Module) -> str:
+    convs = (type(m.c_fc).__name__, type(m.c_proj).__name__)
+    if convs != ("Conv1D", "Conv1D") or type(m.c_fc).forward is not type(m.c_proj).forward:
+        return "c_fc / c_proj are not transformers' Conv1D; left alone"
+    if _hf_mlp_approximate(m) is None:
+        return f"activation {type(m.act).__name__} is not a GELU fastgpt computes; left alone"
+    return ""
+
+
+def _hf_mlp_forward_for(approximate: str):
+    def forward(self, hidden_states):
+        # Conv1D computes x @ W + b with W stored (in, out): the c_fc bias goes into the GELU,
+        # c_proj's W transposed is the (out, in) weight of a linear.
+        h = torch.matmul(hidden_states, self.c_fc.weight)
+        y = F.bias_gelu_linear(
+            h, self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias, approximate
+        )
+        return self.dropout(y)
+
+    return forward
+
+
+_HF_MLP_FORWARDS = {a: _hf_mlp_forward_for(a) for a in ("tanh", "none")}
+
+
+def _hf_mlp_class(m: nn.Module) -> type:
+    return _subclass(type(m), "forward", _HF_MLP_FORWARDS[_hf_mlp_approximate(m)])
+
+
 # -- transformers: attention through AttentionInterface, LM loss through loss_function ----------
 
 
@@ -306,6 +355,13 @@ RULES: list[Rule] = [
         "fastgpt.functional.gelu",
         _hf_gelu,
         _swap_class(_hf_gelu_class),
+    ),
+    Rule(
+        "transformers GPT-2 MLP",
+        "fastgpt.functional.bias_gelu_linear (the GELU output recomputed, not kept)",
+        _hf_gpt2_mlp,
+        _swap_class(_hf_mlp_class),
+        _hf_mlp_refuse,
     ),
     Rule(
         "transformers attention",

@@ -72,13 +72,50 @@ def test_transformers_dry_run_lists_the_swaps_and_changes_nothing():
     assert "fastgpt.nn.LayerNorm" in swapped["transformer.h.0.ln_1"].replacement
     assert "scaled_dot_product_attention" in swapped["transformer.h.1.attn"].replacement
     assert "NewGELUActivation" in swapped["transformer.h.0.mlp.act"].what
+    assert "bias_gelu_linear" in swapped["transformer.h.0.mlp"].replacement
     assert "cross_entropy" in swapped[""].replacement  # the LM loss
-    assert len(report.swapped) == 2 * 4 + 1 + 1  # per layer 2 LN + attn + act; ln_f; loss
+    assert len(report.swapped) == 2 * 5 + 1 + 1  # 2 layers: 2 LN, attn, mlp, act; ln_f; loss
     assert "transformer.h.0.ln_1" in str(report)
     # after patching, a second patch finds nothing left to do
     fastgpt.patch(hf)
     assert hf.fastgpt_patch_report == report
     assert fastgpt.patch(hf, dry_run=True) == []
+
+
+def test_transformers_mlp_keeps_no_gelu_output():
+    """The patched GPT-2 MLP saves its GELU input only (recomputing the output), and an MLP
+    whose activation is not a GELU is left alone and reported."""
+    hf = hf_gpt2()
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    mlp_a, mlp_b = hf.transformer.h[0].mlp, patched.transformer.h[0].mlp
+    x = torch.randn(2, 7, hf.config.n_embd, requires_grad=True)
+
+    def saved_bytes(mlp):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = mlp(x)
+        params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+        return y, sum(n for ptr, n in seen.items() if ptr not in params)
+
+    (ya, na), (yb, nb) = saved_bytes(mlp_a), saved_bytes(mlp_b)
+    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    wide = 2 * 7 * 4 * hf.config.n_embd * 4  # one (B, T, 4C) fp32 activation
+    assert na - nb >= wide, (na, nb)
+    ga = torch.autograd.grad(ya.square().sum(), [x, *mlp_a.parameters()])
+    gb = torch.autograd.grad(yb.square().sum(), [x, *mlp_b.parameters()])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+    relu = hf_gpt2()
+    for block in relu.transformer.h:
+        block.mlp.act = nn.ReLU()
+    skipped = {e.path: e for e in fastgpt.patch(relu, dry_run=True).skipped}
+    assert "activation ReLU" in skipped["transformer.h.0.mlp"].replacement
 
 
 def test_unsupported_attention_is_left_alone_and_reported():

@@ -13,8 +13,12 @@ What differs from a textbook GPT-2, and why:
   returns ``(ln(x + delta), x + delta)`` in one pass over memory, so the model carries the residual
   stream ``x`` together with the *pending* output ``delta`` of the last sublayer, and each LayerNorm
   absorbs the add before it.
-* The MLP's first linear runs without its bias, and ``F.bias_gelu`` adds the bias inside the GELU
-  (one pass instead of two; its backward also yields the bias gradient).
+* The MLP's first linear runs without its bias, and ``F.bias_gelu_linear`` adds the bias inside
+  the GELU (one pass instead of two; its backward also yields the bias gradient) and runs
+  ``c_proj`` on the result without keeping it: the backward recomputes the GELU from its input.
+* Attention's output projection keeps, for its backward, the attention output itself (which the
+  attention keeps anyway) rather than a heads-merged copy of it (``_MergeHeadsLinear``).
+  Together with the line above, a GPT-2 124M step at 4 x 512 saves ~360 MB less.
 * The output projection is the token embedding itself (weight tying, as GPT-2), and the loss is
   ``F.linear_cross_entropy(h, wte.weight, targets)``: the (B·T, vocab) logits never exist whole
   during training, which is most of a small GPT's activation memory.
@@ -124,6 +128,37 @@ def _residual_layer_norm(ln: nn.LayerNorm, delta: torch.Tensor | None, x: torch.
     return F.add_layer_norm(delta, x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
+class _MergeHeadsLinear(torch.autograd.Function):
+    """``linear(y.transpose(1, 2).reshape(B, T, C), weight, bias)`` for y (B, n_head, T, hd).
+
+    Autograd would keep the heads-merged copy of y for the weight gradient, beside y itself,
+    which the attention keeps for its own backward. This keeps y and merges the heads again in
+    the backward: one copy of T x C values instead of holding it through the step.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, bias):
+        B, H, T, hd = y.shape
+        out = torch.nn.functional.linear(y.transpose(1, 2).reshape(B, T, H * hd), weight, bias)
+        ctx.save_for_backward(y, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, weight = ctx.saved_tensors
+        B, H, T, hd = y.shape
+        dout2 = dout.reshape(B * T, -1)
+        dy = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dy = dout2.mm(weight).view(B, T, H, hd).transpose(1, 2)
+        if ctx.needs_input_grad[1]:
+            dweight = dout2.t().mm(y.transpose(1, 2).reshape(B * T, H * hd))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dout2.sum(0)
+        return dy, dweight, dbias
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused q/k/v projection."""
 
@@ -150,8 +185,8 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
-        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
-        y = self.c_proj(y)
+        # heads side by side again, then c_proj
+        y = _MergeHeadsLinear.apply(y, self.c_proj.weight, self.c_proj.bias)
         return self.resid_dropout(y) if self.dropout > 0 else y
 
 

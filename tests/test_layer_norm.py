@@ -196,7 +196,12 @@ def test_property_matches_reference(rows, hidden, scale, shift, eps):
             if rows:
                 dy = make((rows, hidden), torch.float32, 3, False)
                 for g, e in zip(grads(y, [x, w, b], dy), grads(y_r, [x, w, b], dy)):
-                    torch.testing.assert_close(g, e, atol=1e-4 * cond, rtol=2e-3)
+                    # dx grows like rstd = 1/std(x): its rounding error is relative to its own
+                    # size (normwise, ~8 ulps) times the same conditioning, not to y's. (Seen:
+                    # rows=hidden=19, scale=1e-3, shift=4: |dx| ~ 1e4, and fastgpt, the
+                    # reference and torch are 1.07, 0.32, 0.41 off the float64 answer.)
+                    atol = 1e-4 * cond + 1e-6 * cond * e.abs().max().item()
+                    torch.testing.assert_close(g, e, atol=atol, rtol=2e-3)
 
 
 def test_gradcheck_float64_cpu():

@@ -74,6 +74,22 @@ def reduction_scale(terms):
     return max(4.0, terms**0.5)
 
 
+def saved_bytes_beyond(fn, keep):
+    """``(bytes, fn())``: what autograd saves for the backward while ``fn()`` runs, each storage
+    counted once however many tensors view it, leaving out the storages of the tensors ``keep``
+    (inputs or parameters, which exist anyway)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    skip = {t.untyped_storage().data_ptr() for t in keep}
+    return sum(n for ptr, n in saved.items() if ptr not in skip), out
+
+
 def cpp_input_checks(bad_calls):
     """The test of a module's ``bad_calls`` ({case: (call, message)}): each call into the C++
     kernels (best ISA build) raises a RuntimeError matching its message. Use it as

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import hf_gpt2
+from conftest import hf_gpt2, saved_bytes_beyond
 
 import fastgpt
 from fastgpt import GPT, GPTConfig
@@ -126,17 +126,9 @@ def test_a_block_keeps_twelve_activations_per_token():
     def saved_bytes(n_layer):
         torch.manual_seed(0)
         model = GPT(GPTConfig(n_layer=n_layer, n_head=4, n_embd=64, block_size=64, vocab_size=97))
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         idx = torch.randint(0, 97, (2, 33))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            _, loss = model(idx[:, :-1], idx[:, 1:])
-        return sum(n for ptr, n in seen.items() if ptr not in params)
+        n, _ = saved_bytes_beyond(lambda: model(idx[:, :-1], idx[:, 1:]), model.parameters())
+        return n
 
     per_block = (saved_bytes(3) - saved_bytes(1)) / 2
     B, T, C, H = 2, 32, 64, 4

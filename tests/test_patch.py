@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from conftest import hf_gpt2
+from conftest import hf_gpt2, saved_bytes_beyond
 
 import fastgpt
 import fastgpt.nn as fnn
@@ -90,19 +90,8 @@ def test_transformers_mlp_keeps_no_gelu_output():
     mlp_a, mlp_b = hf.transformer.h[0].mlp, patched.transformer.h[0].mlp
     x = torch.randn(2, 7, hf.config.n_embd, requires_grad=True)
 
-    def saved_bytes(mlp):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = mlp(x)
-        params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
-        return y, sum(n for ptr, n in seen.items() if ptr not in params)
-
-    (ya, na), (yb, nb) = saved_bytes(mlp_a), saved_bytes(mlp_b)
+    na, ya = saved_bytes_beyond(lambda: mlp_a(x), mlp_a.parameters())
+    nb, yb = saved_bytes_beyond(lambda: mlp_b(x), mlp_b.parameters())
     torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
     wide = 2 * 7 * 4 * hf.config.n_embd * 4  # one (B, T, 4C) fp32 activation
     assert na - nb >= wide, (na, nb)

@@ -131,10 +131,23 @@ def add_layer_norm(
 _APPROXIMATIONS = ("none", "tanh")
 
 
-def _gelu(name, input, bias, approximate):
-    """Run the kernel on a contiguous input; None if the reference must."""
+def _check_approximate(name, approximate):
     if approximate not in _APPROXIMATIONS:
         raise RuntimeError(f"{name}: approximate argument must be either none or tanh.")
+
+
+def _check_gelu_bias(name, input, bias):
+    """bias (C,) for an input (..., C)."""
+    if input.dim() == 0 or bias.dim() != 1 or bias.shape[0] != input.shape[-1]:
+        raise RuntimeError(
+            f"{name}: bias of shape {list(bias.shape)} must be 1-D with the size of the "
+            f"input's last dim (input shape {list(input.shape)})"
+        )
+
+
+def _gelu(name, input, bias, approximate):
+    """Run the kernel on a contiguous input; None if the reference must."""
+    _check_approximate(name, approximate)
     backend = _backend.backend_for(input)
     why = _unsupported(backend, (bias,), input)
     if why:
@@ -156,11 +169,7 @@ def bias_gelu(input: torch.Tensor, bias: torch.Tensor, approximate: str = "tanh"
     bias (C,) is broadcast over the last dim of input (..., C). The sum is kept in fp32 (not
     rounded to the input dtype) and the result rounded once.
     """
-    if input.dim() == 0 or bias.dim() != 1 or bias.shape[0] != input.shape[-1]:
-        raise RuntimeError(
-            f"bias_gelu: bias of shape {list(bias.shape)} must be 1-D with the size of the "
-            f"input's last dim (input shape {list(input.shape)})"
-        )
+    _check_gelu_bias("bias_gelu", input, bias)
     out = _gelu("bias_gelu", input, bias, approximate)
     return reference.bias_gelu(input, bias, approximate) if out is None else out
 
@@ -182,18 +191,14 @@ def bias_gelu_linear(
     """
     if input.dim() == 0:
         raise RuntimeError("bias_gelu_linear: input must have at least one dim")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != input.shape[-1]):
-        raise RuntimeError(
-            f"bias_gelu_linear: bias of shape {list(bias.shape)} must be 1-D with the size of the "
-            f"input's last dim (input shape {list(input.shape)})"
-        )
+    if bias is not None:
+        _check_gelu_bias("bias_gelu_linear", input, bias)
     if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
         raise RuntimeError(
             f"bias_gelu_linear: weight of shape {list(weight.shape)} must be (out_features, "
             f"{input.shape[-1]}) for an input of shape {list(input.shape)}"
         )
-    if approximate not in _APPROXIMATIONS:
-        raise RuntimeError("bias_gelu_linear: approximate argument must be either none or tanh.")
+    _check_approximate("bias_gelu_linear", approximate)
     backend = _backend.backend_for(input)
     why = _unsupported(backend, (bias, weight, linear_bias), input)
     if why:

@@ -140,9 +140,12 @@ def _twin(base: type, twin: type) -> Callable[[nn.Module], type]:
 _HF_GELUS = {"NewGELUActivation": "tanh", "GELUTanh": "tanh", "GELUActivation": "none"}
 
 
+def _is_hf_gelu_class(cls: type) -> bool:
+    return cls.__module__ == "transformers.activations" and cls.__name__ in _HF_GELUS
+
+
 def _hf_gelu(m: nn.Module) -> bool:
-    t = type(m)
-    return t.__module__ == "transformers.activations" and t.__name__ in _HF_GELUS
+    return _is_hf_gelu_class(type(m))
 
 
 def _hf_gelu_class(m: nn.Module) -> type:
@@ -172,7 +175,7 @@ def _hf_gpt2_mlp(m: nn.Module) -> bool:
 def _hf_mlp_approximate(m: nn.Module) -> str | None:
     """The GELU of ``m.act`` ("tanh" / "none"), also once patched; None for anything else."""
     for cls in type(m.act).__mro__:
-        if cls.__module__ == "transformers.activations" and cls.__name__ in _HF_GELUS:
+        if _is_hf_gelu_class(cls):
             if type(m.act).forward not in (cls.forward, *_GELU_FORWARDS.values()):
                 return None  # a subclass with its own forward
             return _HF_GELUS[cls.__name__]

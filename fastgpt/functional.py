@@ -15,12 +15,14 @@ from fastgpt import _backend, reference
 from fastgpt.ops.attention import AttentionFunction
 from fastgpt.ops.cross_entropy import REDUCTIONS, CrossEntropyFunction
 from fastgpt.ops.gelu import GeluFunction, GeluLinearFunction
-from fastgpt.ops.layer_norm import LayerNormFunction
+from fastgpt.ops.layer_norm import LayerNormFunction, LayerNormLinearFunction
 from fastgpt.ops.linear_cross_entropy import LinearCrossEntropyFunction
 
 __all__ = [
     "layer_norm",
     "add_layer_norm",
+    "layer_norm_linear",
+    "add_layer_norm_linear",
     "gelu",
     "bias_gelu",
     "bias_gelu_linear",
@@ -123,6 +125,109 @@ def add_layer_norm(
     if out is None:
         return reference.add_layer_norm(input, residual, shape, weight, bias, eps)
     return out
+
+
+def _check_linear_weight(name, input, weight, bias):
+    """weight (N, C) and bias (N,) or None for an input (..., C)."""
+    if weight.dim() != 2 or input.dim() == 0 or weight.shape[1] != input.shape[-1]:
+        raise RuntimeError(
+            f"{name}: weight of shape {list(weight.shape)} must be (out_features, "
+            f"{input.shape[-1] if input.dim() else '?'}) for an input of shape {list(input.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(
+            f"{name}: linear_bias of shape {list(bias.shape)} must be ({weight.shape[0]},), "
+            "the weight's out_features"
+        )
+
+
+def _layer_norm_linear(name, input, residual, normalized_shape, weight, bias, lw, lb, eps):
+    shape = _check_layer_norm_args(name, input, normalized_shape, weight, bias, residual)
+    _check_linear_weight(name, input, lw, lb)
+    backend = _backend.backend_for(input)
+    why = _unsupported(backend, (residual, weight, bias, lw, lb), input)
+    if not why and len(shape) != 1:
+        why = "normalized_shape of more than one dim"
+    if not why and shape[0] == 0:
+        why = "empty normalized_shape"
+    if why:
+        _backend.fallback(name, why)
+        if residual is None:
+            y = reference.layer_norm(input, shape, weight, bias, eps)
+            return torch.nn.functional.linear(y, lw, lb)
+        y, summed = reference.add_layer_norm(input, residual, shape, weight, bias, eps)
+        return torch.nn.functional.linear(y, lw, lb), summed
+    n = shape[0]
+    x2 = input.reshape(-1, n).contiguous()
+    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
+    w = None if weight is None else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    out = LayerNormLinearFunction.apply(x2, r2, w, b, float(eps), lw, lb, backend)
+    out_shape = (*input.shape[:-1], lw.shape[0])
+    if residual is None:
+        return out.view(out_shape)
+    out, summed = out
+    return out.view(out_shape), summed.view(input.shape)
+
+
+def layer_norm_linear(
+    input: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``linear(layer_norm(input), linear_weight, linear_bias)`` without keeping the LayerNorm
+    output for the backward.
+
+    Same values and gradients as the two calls. Autograd would keep the LayerNorm output (the
+    matmul's input) beside ``input``; this keeps only ``input`` and the row statistics and
+    recomputes the LayerNorm output in the backward (one pass over it, bit for bit the same).
+    ``linear_weight`` (N, C) for an input (..., C); ``linear_bias`` (N,) or None.
+    """
+    return _layer_norm_linear(
+        "layer_norm_linear",
+        input,
+        None,
+        normalized_shape,
+        weight,
+        bias,
+        linear_weight,
+        linear_bias,
+        eps,
+    )
+
+
+def add_layer_norm_linear(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    linear_weight: torch.Tensor,
+    linear_bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(layer_norm(input + residual), linear_weight, linear_bias), input + residual)``:
+    ``add_layer_norm`` followed by the matmul it feeds, without keeping the LayerNorm output.
+
+    What a pre-LN block does twice (the sublayer's output added to the residual stream, then
+    normalised into the next q/k/v or MLP projection); as ``layer_norm_linear``, the backward
+    recomputes the LayerNorm output from the kept sum.
+    """
+    return _layer_norm_linear(
+        "add_layer_norm_linear",
+        input,
+        residual,
+        normalized_shape,
+        weight,
+        bias,
+        linear_weight,
+        linear_bias,
+        eps,
+    )
 
 
 # ---- GELU (kernel path: fastgpt/ops/gelu.py) --------------------------------------------------

@@ -9,7 +9,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import assert_close, cpp_input_checks, reduction_scale, run_on
+from conftest import (
+    assert_close,
+    cpp_input_checks,
+    reduction_scale,
+    run_on,
+    saved_bytes_beyond,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -412,3 +418,173 @@ def test_streamed_large_outputs_match_row_slices(dtype):
     torch.testing.assert_close(s, x + r, atol=0, rtol=0)
     want = TF.layer_norm(s.float(), (n,), w.float(), b.float())
     assert_close(y, want.to(dtype), dtype)
+
+
+# ---- layer_norm_linear / add_layer_norm_linear: the LayerNorm output recomputed, not kept ------
+
+
+BEST_CPU = f"cpu-{_cpu.supported_isas()[-1]}"
+
+
+def norm_linear_inputs(lead, c, n, dtype, fused, affine, with_linear_bias):
+    x = make((*lead, c), dtype, 0)
+    r = make((*lead, c), dtype, 1) if fused else None
+    w = make((c,), dtype, 2) if affine else None
+    b = make((c,), dtype, 3) if affine else None
+    lw = (make((n, c), dtype, 4) * 0.1).detach().requires_grad_()
+    lb = make((n,), dtype, 5) if with_linear_bias else None
+    return x, r, w, b, lw, lb
+
+
+def norm_linear(x, r, w, b, lw, lb):
+    c = x.shape[-1]
+    if r is None:
+        return F.layer_norm_linear(x, c, w, b, lw, lb), None
+    return F.add_layer_norm_linear(x, r, c, w, b, lw, lb)
+
+
+@pytest.mark.parametrize("with_linear_bias", [True, False], ids=["linear_bias", "no_linear_bias"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("fused", [True, False], ids=["add", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_linear_parity(backend, dtype, fused, affine, with_linear_bias):
+    for lead, c, n in [((17,), 40, 23), ((2, 3), 1023, 17), ((1,), 768, 5)]:
+        ins = norm_linear_inputs(lead, c, n, dtype, fused, affine, with_linear_bias)
+        x, r, w, b, lw, lb = ins
+        live = [t for t in ins if t is not None]
+        out, s = norm_linear(*ins)
+        assert out.shape == (*lead, n) and out.dtype == dtype
+        dout = make(out.shape, dtype, 6, requires_grad=False)
+        ds = make(x.shape, dtype, 7, requires_grad=False) if fused else None
+        outs, douts = ((out, s), (dout, ds)) if fused else (out, dout)
+        got = torch.autograd.grad(outs, live, douts)
+        # torch's own modules in fp32 on the same inputs, the LayerNorm output rounded once ...
+        hi = {id(t): t.detach().float().requires_grad_() for t in live}
+        xh, rh, wh, bh, lwh, lbh = (None if t is None else hi[id(t)] for t in ins)
+        sh = xh if rh is None else xh + rh
+        if fused and dtype != torch.float32:
+            sh = sh - sh.detach() + sh.detach().to(dtype).float()  # the sum, rounded as eager's
+        yh = TF.layer_norm(sh, (c,), wh, bh)
+        if dtype != torch.float32:
+            yh = yh - yh.detach() + yh.detach().to(dtype).float()
+        out_t = TF.linear(yh, lwh, lbh)
+        assert_close(out, out_t.to(dtype), dtype, reduction_scale(c))
+        want = torch.autograd.grad(
+            (out_t, sh) if fused else out_t,
+            [hi[id(t)] for t in live],
+            (dout.float(), ds.float()) if fused else dout.float(),
+        )
+        for a, e in zip(got, want):
+            assert_close(a, e.to(dtype), dtype, reduction_scale(max(c, n, x.numel() // c)))
+        # ... and the two calls it replaces, on this backend: the same kernels and matmuls, so
+        # the same values, to rounding.
+        if fused:
+            y2, s2 = F.add_layer_norm(x, r, c, w, b)
+            torch.testing.assert_close(s, s2, atol=0, rtol=0)
+        else:
+            y2 = F.layer_norm(x, c, w, b)
+        out2 = TF.linear(y2, lw, lb)
+        assert_close(out, out2, dtype)
+        for a, e in zip(got, torch.autograd.grad((out2, s2) if fused else out2, live, douts)):
+            assert_close(a, e, dtype, 4)
+
+
+def test_layer_norm_recomputed_from_the_sum_is_bit_for_bit(backend):
+    """layer_norm_linear's backward recomputes add_layer_norm's output with layer_norm on the kept
+    sum; the weight gradient is then exactly the one the kept output would give."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, r = make((17, 1023), dtype, 0, False), make((17, 1023), dtype, 1, False)
+        w, b = make((1023,), dtype, 2, False), make((1023,), dtype, 3, False)
+        y, s = F.add_layer_norm(x, r, 1023, w, b)
+        torch.testing.assert_close(F.layer_norm(s, 1023, w, b), y, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["add", "plain"])
+def test_layer_norm_linear_keeps_no_layer_norm_output(backend, fused):
+    x, r, w, b, lw, lb = norm_linear_inputs((64,), 96, 32, torch.float32, fused, True, True)
+    params = [t for t in (x, r, w, b, lw, lb) if t is not None]
+    extra, (out, s) = saved_bytes_beyond(lambda: norm_linear(x, r, w, b, lw, lb), params)
+    row_stats = 2 * 64 * 4  # mean and rstd, fp32
+    kept_sum = x.numel() * 4 if fused else 0
+    if backend == "reference":
+        # The reference path is the plain composition: it keeps the LayerNorm output too.
+        assert extra > kept_sum + row_stats
+    else:
+        assert extra == kept_sum + row_stats, "the LayerNorm output must not be kept"
+    # The composition keeps the output as well, which is the point.
+    if fused:
+        extra2, _ = saved_bytes_beyond(
+            lambda: TF.linear(F.add_layer_norm(x, r, 96, w, b)[0], lw, lb), params
+        )
+    else:
+        extra2, _ = saved_bytes_beyond(lambda: TF.linear(F.layer_norm(x, 96, w, b), lw, lb), params)
+    assert extra2 >= kept_sum + row_stats + x.numel() * 4
+    (out.sum() + (0 if s is None else s.sum())).backward()
+    assert all(t.grad is not None for t in params)
+
+
+def test_add_layer_norm_linear_one_output_used(backend):
+    ins = norm_linear_inputs((17,), 64, 9, torch.float32, True, True, True)
+    x, r, w, b, lw, lb = ins
+    for pick in (0, 1):
+        out = norm_linear(*ins)[pick]
+        out_t = (TF.linear(TF.layer_norm(x + r, (64,), w, b), lw, lb), x + r)[pick]
+        dy = make(out.shape, torch.float32, 8, False)
+        got = torch.autograd.grad(out, [x, r, w, b, lw, lb], dy, allow_unused=True)
+        want = torch.autograd.grad(out_t, [x, r, w, b, lw, lb], dy, allow_unused=True)
+        for g, e in zip(got, want):
+            if e is None:  # only the sum is used: no gradient reaches the weights
+                assert g is None or not g.any()
+            else:
+                assert_close(g, e, torch.float32, 4)
+
+
+def test_layer_norm_linear_gradcheck_and_compile():
+    with run_on(BEST_CPU):
+        for fused in (True, False):
+            ins = norm_linear_inputs((3, 5), 13, 7, torch.float64, fused, True, True)
+            live = tuple(t for t in ins if t is not None)
+
+            def fn(*a, fused=fused):
+                it = iter(a)
+                x, r = next(it), next(it) if fused else None
+                out, summed = norm_linear(x, r, *it)
+                return out if summed is None else (out, summed)
+
+            assert torch.autograd.gradcheck(fn, live)
+
+    torch._dynamo.reset()
+
+    def block(x, delta, w, b, lw, lb):
+        qkv, x = F.add_layer_norm_linear(delta, x, 32, w, b, lw, lb)
+        return qkv.relu().sum(-1, keepdim=True) * x
+
+    compiled = torch.compile(block, fullgraph=True)
+    ins = [make(s, torch.float32, i) for i, s in enumerate([(2, 9, 32), (2, 9, 32), (32,), (32,)])]
+    ins += [(make((48, 32), torch.float32, 4) * 0.2).detach().requires_grad_()]
+    ins += [make((48,), torch.float32, 5)]
+    with run_on(BEST_CPU):
+        out, out_e = compiled(*ins), block(*ins)
+        assert_close(out, out_e, torch.float32)
+        dy = make(out.shape, torch.float32, 6, False)
+        for g, e in zip(torch.autograd.grad(out, ins, dy), torch.autograd.grad(out_e, ins, dy)):
+            assert_close(g, e, torch.float32, 4)
+
+
+def test_layer_norm_linear_argument_errors_and_fallbacks(backend):
+    lw = torch.randn(5, 8)
+    with pytest.raises(RuntimeError, match="layer_norm_linear: normalized_shape"):
+        F.layer_norm_linear(X, (7,), None, None, lw)
+    with pytest.raises(RuntimeError, match="layer_norm_linear: weight of shape"):
+        F.layer_norm_linear(X, 8, torch.randn(4), None, lw)
+    with pytest.raises(RuntimeError, match="layer_norm_linear: weight of shape \\[5, 7\\]"):
+        F.layer_norm_linear(X, 8, None, None, torch.randn(5, 7))
+    with pytest.raises(RuntimeError, match="layer_norm_linear: linear_bias of shape"):
+        F.layer_norm_linear(X, 8, None, None, lw, torch.randn(4))
+    with pytest.raises(RuntimeError, match="add_layer_norm_linear: residual of shape"):
+        F.add_layer_norm_linear(X, torch.randn(1, 8), 8, None, None, lw)
+    # A LayerNorm over two dims feeding a linear over the last: the reference path, still right.
+    x = make((3, 4, 6), torch.float32, 0)
+    lw6 = make((5, 6), torch.float32, 1)
+    out = F.layer_norm_linear(x, (4, 6), None, None, lw6)
+    assert_close(out, TF.linear(TF.layer_norm(x, (4, 6)), lw6), torch.float32)

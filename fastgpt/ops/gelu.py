@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastgpt import _backend
+from fastgpt.ops._linear import linear_backward
 from fastgpt.ops._registry import define
 
 FWD = define("gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor", "gelu")
@@ -78,20 +79,24 @@ class GeluLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, bias, weight = ctx.saved_tensors
         need_x, need_bias, need_weight, need_linear_bias = ctx.needs_input_grad[:4]
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dweight = dlinear_bias = dx = dbias = None
-        if need_weight:
+
+        def gelu_output():  # recomputed, bit for bit the forward's
             fwd = _backend.kernel("gelu", "gelu_fwd", ctx.backend, x.device)
-            g = fwd(x, bias, ctx.approximate)  # the recomputed GELU output
-            dweight = dy2.t().mm(g.reshape(-1, g.shape[-1]))
-            del g
-        if need_linear_bias and ctx.has_linear_bias:
-            dlinear_bias = dy2.sum(0)
-        if need_x or need_bias:
+            return fwd(x, bias, ctx.approximate).reshape(-1, x.shape[-1])
+
+        dg, dweight, dlinear_bias = linear_backward(
+            dy,
+            weight,
+            gelu_output,
+            need_x or need_bias,
+            need_weight,
+            ctx.has_linear_bias and need_linear_bias,
+        )
+        dx = dbias = None
+        if dg is not None:
             bias_grad = bias is not None and need_bias
             bwd = _backend.kernel("gelu", "gelu_bwd", ctx.backend, x.device)
-            dg = dy2.mm(weight).view(x.shape)
-            dx, dbias = bwd(dg, x, bias, ctx.approximate, bias_grad)
+            dx, dbias = bwd(dg.view(x.shape), x, bias, ctx.approximate, bias_grad)
             dx = dx if need_x else None
             dbias = dbias if bias_grad else None
         return dx, dbias, dweight, dlinear_bias, None, None

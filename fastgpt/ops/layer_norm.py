@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastgpt import _backend
+from fastgpt.ops._linear import linear_backward
 from fastgpt.ops._registry import define
 
 FWD = define(
@@ -58,6 +59,34 @@ def _(dy, x, mean, rstd, weight, dresidual, weight_grad, bias_grad):
     )
 
 
+def _normalize(x, residual, weight, bias, eps, backend):
+    """``(y, normed, mean, rstd)``: y = layer_norm(normed), where ``normed`` is x, or the sum
+    x + residual (rounded to x's dtype) when a residual is given."""
+    if residual is None:
+        fwd = _backend.kernel("layer_norm", "layer_norm_fwd", backend, x.device)
+        y, mean, rstd = fwd(x, weight, bias, eps)
+        return y, x, mean, rstd
+    fwd = _backend.kernel("layer_norm", "add_layer_norm_fwd", backend, x.device)
+    return fwd(x, residual, weight, bias, eps)
+
+
+def _normalize_backward(backend, dy, normed, mean, rstd, weight, dsummed, weight_grad, bias_grad):
+    """``(dx, dweight, dbias)``; dx also carries ``dsummed``, the gradient of the sum output."""
+    if dy is None:
+        dy = torch.zeros_like(normed)
+    bwd = _backend.kernel("layer_norm", "layer_norm_bwd", backend, normed.device)
+    return bwd(
+        dy.contiguous(),
+        normed,
+        mean,
+        rstd,
+        weight,
+        None if dsummed is None else dsummed.contiguous(),
+        weight_grad,
+        bias_grad,
+    )
+
+
 class LayerNormFunction(torch.autograd.Function):
     """layer_norm (residual None) or add_layer_norm over 2-D contiguous tensors.
 
@@ -66,38 +95,22 @@ class LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, backend):
-        if residual is None:
-            fwd = _backend.kernel("layer_norm", "layer_norm_fwd", backend, x.device)
-            y, mean, rstd = fwd(x, weight, bias, eps)
-            saved = x
-        else:
-            fwd = _backend.kernel("layer_norm", "add_layer_norm_fwd", backend, x.device)
-            y, saved, mean, rstd = fwd(x, residual, weight, bias, eps)
-        ctx.save_for_backward(saved, mean, rstd, weight)
+        y, normed, mean, rstd = _normalize(x, residual, weight, bias, eps, backend)
+        ctx.save_for_backward(normed, mean, rstd, weight)
         ctx.fused = residual is not None
         ctx.has_bias = bias is not None
         ctx.backend = backend
         ctx.set_materialize_grads(False)
-        return (y, saved) if ctx.fused else y
+        return (y, normed) if ctx.fused else y
 
     @staticmethod
     def backward(ctx, dy, dsummed=None):
-        x, mean, rstd, weight = ctx.saved_tensors
+        normed, mean, rstd, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         weight_grad = weight is not None and need[2]
         bias_grad = ctx.has_bias and need[3]
-        if dy is None:
-            dy = torch.zeros_like(x)
-        bwd = _backend.kernel("layer_norm", "layer_norm_bwd", ctx.backend, x.device)
-        dx, dweight, dbias = bwd(
-            dy.contiguous(),
-            x,
-            mean,
-            rstd,
-            weight,
-            None if dsummed is None else dsummed.contiguous(),
-            weight_grad,
-            bias_grad,
+        dx, dweight, dbias = _normalize_backward(
+            ctx.backend, dy, normed, mean, rstd, weight, dsummed, weight_grad, bias_grad
         )
         return (
             dx,
@@ -107,3 +120,61 @@ class LayerNormFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+class LayerNormLinearFunction(torch.autograd.Function):
+    """linear(layer_norm(x [+ residual]), linear_weight, linear_bias) that does not keep the
+    LayerNorm output.
+
+    In a pre-LN block every LayerNorm feeds a matmul (q/k/v, the MLP's first linear), and the
+    matmul needs its input, the LayerNorm output, for the weight gradient. Autograd keeps it beside
+    the LayerNorm input, which the LayerNorm's own backward needs: two activations of the model
+    width where one would do. This keeps the input (and the row statistics) and recomputes the
+    LayerNorm output in the backward: one more pass over a (rows, C) tensor, against a matmul
+    that is ~N times more work. The recomputed output is bit for bit the forward's.
+    x, residual: (rows, C) contiguous; linear_weight (N, C). Returns out (rows, N), or
+    (out, x + residual) when a residual is given.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, linear_weight, linear_bias, backend):
+        y, normed, mean, rstd = _normalize(x, residual, weight, bias, eps, backend)
+        out = torch.nn.functional.linear(y, linear_weight, linear_bias)
+        ctx.save_for_backward(normed, mean, rstd, weight, bias, linear_weight)
+        ctx.fused = residual is not None
+        ctx.eps = eps
+        ctx.has_linear_bias = linear_bias is not None
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)
+        return (out, normed) if ctx.fused else out
+
+    @staticmethod
+    def backward(ctx, dout, dsummed=None):
+        normed, mean, rstd, weight, bias, linear_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_norm = any(need[:4])
+        dy = dweight_l = dbias_l = None
+        if dout is not None:
+
+            def layer_norm_output():
+                return _normalize(normed, None, weight, bias, ctx.eps, ctx.backend)[0]
+
+            dy, dweight_l, dbias_l = linear_backward(
+                dout,
+                linear_weight,
+                layer_norm_output,
+                need_norm,
+                need[5],
+                ctx.has_linear_bias and need[6],
+            )
+        dx = dweight = dbias = None
+        if need_norm and (dy is not None or dsummed is not None):
+            weight_grad = weight is not None and need[2]
+            bias_grad = bias is not None and need[3]
+            dx, dweight, dbias = _normalize_backward(
+                ctx.backend, dy, normed, mean, rstd, weight, dsummed, weight_grad, bias_grad
+            )
+            dweight = dweight if weight_grad else None
+            dbias = dbias if bias_grad else None
+        dres = dx if ctx.fused and need[1] else None
+        return dx if need[0] else None, dres, dweight, dbias, None, dweight_l, dbias_l, None

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from fastgpt.profiling import ResidentPeak
+from fastgpt.profiling import LivePeak, ResidentPeak, live_peak_supported
 
 MB = 2**20
 
@@ -114,9 +114,14 @@ def run(spec) -> dict:
             times.append(time.perf_counter() - t0)
         # Peak after the timing: the meter hands free pages back to the OS, which would make a
         # timed step that followed it page-fault more than a step in a training loop does.
-        with ResidentPeak() as p:
+        # Live: the most bytes held allocated at once, without the heap's freed-but-resident
+        # pages that the resident peak also counts (fastgpt.profiling.LivePeak).
+        live = LivePeak() if live_peak_supported() else contextlib.nullcontext()
+        with ResidentPeak() as p, live:
             call()
         res.update(base_mb=p.base / MB, peak_mb=p.peak / MB)
+        if isinstance(live, LivePeak):
+            res.update(live_base_mb=live.base / MB, live_peak_mb=live.peak / MB)
     times.sort()
     median = times[len(times) // 2]
     res.update(step_s=times, median_s=median, tokens_per_s=tokens / median)

@@ -712,8 +712,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const bool reduced = dt == at::kBFloat16 || dt == at::kHalf;
   const auto acc_t = dt == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor qa = q.to(acc_t), ka = k.to(acc_t), va = v.to(acc_t);  // no copy for fp32/fp64
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(acc_t));
-  advise_huge_pages(out);
+  at::Tensor out = empty_output(q.sizes(), q.options().dtype(acc_t));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_t));
   const DropoutMask drop(dropout_p, seed_v, offset);
   if (q.numel() > 0 && k.size(2) > 0) {
@@ -760,9 +759,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor qa = q.to(acc_t), ka = k.to(acc_t), va = v.to(acc_t);
   at::Tensor doa = dout.to(acc_t), oa = out.to(acc_t);
   auto opts = q.options().dtype(acc_t);
-  at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts),
-             dv = at::empty(v.sizes(), opts);
-  for (const at::Tensor& t : {dq, dk, dv}) advise_huge_pages(t);
+  at::Tensor dq = empty_output(q.sizes(), opts), dk = empty_output(k.sizes(), opts),
+             dv = empty_output(v.sizes(), opts);
   const DropoutMask drop(dropout_p, seed_v, offset);
   if (q.numel() > 0 && k.numel() > 0) {
     if (acc_t == at::kDouble) {

@@ -173,9 +173,7 @@ inline void zero_row(scalar_t* grad, int64_t V) {
 // the arithmetic: large buffers are advised as transparent huge pages (huge_pages.h, 512x fewer
 // faults). ATen's allocator still owns the memory, so the gradient is an ordinary tensor.
 inline at::Tensor empty_grad_buffer(int64_t rows, int64_t V, const at::TensorOptions& opts) {
-  at::Tensor buf = at::empty({rows, V}, opts);
-  advise_huge_pages(buf);
-  return buf;
+  return empty_output({rows, V}, opts);
 }
 
 // Validates the targets (never reading a logit out of bounds) and counts the non-ignored ones.

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
 #include <cstdint>
@@ -53,6 +54,13 @@ inline void advise_huge_pages(const at::Tensor& t) {
 #else
   (void)t;
 #endif
+}
+
+// at::empty for a kernel's output that is about to be written in full.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  advise_huge_pages(t);
+  return t;
 }
 
 // at::empty_like for a kernel's output that is about to be written in full.

@@ -86,18 +86,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   const auto opts = input.options();
   const auto acc_type = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor row_loss = at::empty({N}, opts.dtype(acc_type));
-  at::Tensor d_input = at::empty({input_grad ? N : 0, input_grad ? C : 0}, opts);
-  at::Tensor d_weight = at::empty({weight_grad ? V : 0, weight_grad ? C : 0}, opts);
+  at::Tensor d_input = empty_output({input_grad ? N : 0, input_grad ? C : 0}, opts);
+  at::Tensor d_weight = empty_output({weight_grad ? V : 0, weight_grad ? C : 0}, opts);
   at::Tensor d_bias_acc = bias_grad ? at::zeros({V}, opts.dtype(acc_type)) : at::Tensor();
   const bool any_grad = input_grad || weight_grad || bias_grad;
-  advise_huge_pages(d_input);
-  advise_huge_pages(d_weight);
   if (weight_grad && N == 0) d_weight.zero_();
 
   const double scale = reduction == ce::kMean && valid ? 1.0 / static_cast<double>(valid) : 1.0;
   const int64_t R = chunk_rows_for(chunk_rows, N, V, input.element_size());
-  at::Tensor buf = at::empty({N ? R : 0, V}, opts);
-  advise_huge_pages(buf);  // written in full by every chunk's product
+  at::Tensor buf = empty_output({N ? R : 0, V}, opts);  // written in full by every chunk's product
   const at::Tensor wt = weight.t();
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rows = std::min(R, N - r0);

@@ -53,3 +53,17 @@ def test_resident_peak_around_a_block():
         t = torch.ones(100 * MB // 4)
         del t
     assert p.base > 0 and 99 * MB <= p.added <= 110 * MB, (p.base, p.peak)
+
+
+@pytest.mark.skipif(not profiling.live_peak_supported(), reason="needs glibc's mallinfo2")
+def test_live_peak_sees_what_is_held_at_once():
+    import time
+
+    with profiling.LivePeak() as p:
+        a = torch.ones(50 * MB // 4)
+        time.sleep(0.01)  # several samples while it is alive
+        del a
+        b = torch.ones(30 * MB // 4)  # after a's free: the peak stays 50 MB, not 80
+        time.sleep(0.01)
+        del b
+    assert 49 * MB <= p.added <= 55 * MB, (p.base, p.peak)

@@ -65,13 +65,14 @@ def sum_rows(partial, dtype):
 # Ahead-of-time compilation specs (python -m fastgpt.triton.report)
 # ---------------------------------------------------------------------------------------------
 
-_TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+# The pointer type of each dtype in a kernel signature; every module's specs use it.
+POINTER_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
 def _sum_rows_spec(N, dtype):
     signature = {
         "P": "*fp32",
-        "Out": _TRITON_DTYPES[dtype],
+        "Out": POINTER_TYPES[dtype],
         "stride_p_row": "i32",
         "num_rows": "i32",
         "N": "i32",

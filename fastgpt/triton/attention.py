@@ -65,6 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgpt.triton._reduce import POINTER_TYPES
+
 # The interpreter's single-config path (see the module docstring). Read once at import: kernels
 # are interpreter objects exactly when this was set as triton decorated them.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -1294,7 +1296,6 @@ def attention_bwd_cost(B, H, Tq, Tk, D, elt_bytes, is_causal):
 # Ahead-of-time compilation specs (python -m fastgpt.triton.report)
 # ---------------------------------------------------------------------------------------------
 
-_TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 _ELT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 _SCALARS = {
     "qk_scale": "fp32",
@@ -1314,7 +1315,7 @@ _FP32_POINTERS = {"Lse", "Delta", "PartOut", "PartLse"}
 
 
 def _signature(kernel, dtype):
-    ptr = _TRITON_DTYPES[dtype]
+    ptr = POINTER_TYPES[dtype]
     signature = {}
     constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
     for name in kernel.arg_names:

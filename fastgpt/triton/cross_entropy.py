@@ -37,7 +37,7 @@ _NUM_WARPS = 8
 # Logits buffer of one linear + cross-entropy chunk on CUDA.
 _CHUNK_BYTES = 256 << 20
 
-_TRITON_DTYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels take
 
 
 @triton.jit
@@ -130,7 +130,7 @@ def _check_targets(target, V, ignore_index, op):
 
 
 def _check(logits, target, label_smoothing, reduction, op):
-    if logits.dtype not in _TRITON_DTYPES:
+    if logits.dtype not in _DTYPES:
         raise RuntimeError(f"{op}: input must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() != 2 or logits.shape[1] == 0 or not logits.is_contiguous():
         raise RuntimeError(f"{op}: input must be 2-D, contiguous, with classes, got {logits.shape}")
@@ -227,7 +227,7 @@ def linear_cross_entropy_fwd(
         raise RuntimeError(f"{op}: input (N, C) and linear_weight (V, C) do not match")
     N, C = input.shape
     V = weight.shape[0]
-    if input.dtype not in _TRITON_DTYPES or weight.dtype != input.dtype:
+    if input.dtype not in _DTYPES or weight.dtype != input.dtype:
         raise RuntimeError(f"{op}: input and linear_weight must share a float16/32 or bf16 dtype")
     if target.dtype != torch.int64 or tuple(target.shape) != (N,):
         raise RuntimeError(f"{op}: target must be int64 of shape ({N},)")

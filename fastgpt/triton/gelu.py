@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.triton._reduce import sum_rows
+from fastgpt.triton._reduce import POINTER_TYPES, sum_rows
 
 _TILE = 2048  # elements per program: 16 per thread at 4 warps
 _NUM_WARPS = 4
@@ -260,8 +260,6 @@ def gelu_bwd(dy, x, bias, approximate, bias_grad):
 # Ahead-of-time compilation specs (python -m fastgpt.triton.report)
 # ---------------------------------------------------------------------------------------------
 
-_TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-
 
 def _spec(kernel, signature, constexprs, divisible, config):
     return {
@@ -276,7 +274,7 @@ def _spec(kernel, signature, constexprs, divisible, config):
 
 def _fwd_spec(C, dtype, bias, tanh):
     block_m, block_c = _tile_config(C)
-    ptr = _TRITON_DTYPES[dtype]
+    ptr = POINTER_TYPES[dtype]
     signature = {"X": ptr, "B": ptr, "Y": ptr, "M": "i32", "C": "i32"}
     signature |= dict.fromkeys(("HAS_BIAS", "TANH", "BLOCK_M", "BLOCK_C"), "constexpr")
     constexprs = {"HAS_BIAS": bias, "TANH": tanh, "BLOCK_M": block_m, "BLOCK_C": block_c}
@@ -288,7 +286,7 @@ def _fwd_spec(C, dtype, bias, tanh):
 
 def _bwd_spec(C, dtype, bias, dbias, tanh):
     block_m, block_c = _tile_config(C)
-    ptr = _TRITON_DTYPES[dtype]
+    ptr = POINTER_TYPES[dtype]
     signature = {"DY": ptr, "X": ptr, "B": ptr, "DX": ptr, "DB_partial": "*fp32"}
     signature |= {"M": "i32", "C": "i32", "rows_per_program": "i32"}
     signature |= dict.fromkeys(

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt.triton._reduce import sum_rows
+from fastgpt.triton._reduce import POINTER_TYPES, sum_rows
 
 # Largest row a program keeps whole in registers. Beyond it the register file would spill (the
 # backward holds x, dy, weight and two fp32 accumulators per element), so longer rows use the wide
@@ -541,8 +541,6 @@ def layer_norm_bwd_cost(
 # Ahead-of-time compilation specs (python -m fastgpt.triton.report)
 # ---------------------------------------------------------------------------------------------
 
-_TRITON_DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-
 
 def _flags_name(**flags):
     return "+".join(name for name, on in flags.items() if on) or "plain"
@@ -551,7 +549,7 @@ def _flags_name(**flags):
 def _fwd_spec(N, dtype, residual, weight, bias):
     block_n, num_warps, wide = _row_config(N)
     kernel = _layer_norm_fwd_wide_kernel if wide else _layer_norm_fwd_kernel
-    ptr = _TRITON_DTYPES[dtype]
+    ptr = POINTER_TYPES[dtype]
     signature = {
         "X": ptr,
         "R": ptr,
@@ -585,7 +583,7 @@ def _fwd_spec(N, dtype, residual, weight, bias):
 def _bwd_spec(N, dtype, weight, dresidual, dweight, dbias):
     block_n, num_warps, wide = _row_config(N)
     kernel = _layer_norm_bwd_wide_kernel if wide else _layer_norm_bwd_kernel
-    ptr = _TRITON_DTYPES[dtype]
+    ptr = POINTER_TYPES[dtype]
     signature = {
         "DY": ptr,
         "X": ptr,

@@ -19,8 +19,9 @@ Each contender runs in its own process (benchmarks/gpt_worker.py), so its peak r
 timed steps. Time is measured inside the worker (median step);
 ``extra_info`` carries tokens/s, peak MB and the step's growth above the resident baseline
 (weights, optimizer state), and the live peak (fastgpt.profiling.LivePeak: the most bytes held
-allocated at once, which leaves out the freed-but-resident pages of a fragmented heap). The pytest-benchmark time of a case is the worker's wall time, startup
-included: read the extra_info and the printed table, not that column.
+allocated at once, which leaves out the freed-but-resident pages of a fragmented heap). The
+pytest-benchmark time of a case is the worker's wall time, startup included: read the extra_info
+and the printed table, not that column.
 """
 
 import json

@@ -157,13 +157,13 @@ def test_print_ratios(benchmark):
         "| fastgpt peak / peak | fastgpt live / live |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for group, by in RESULTS.items():
         fast = by.get("fastgpt")
         for who, r in by.items():
-            ratio = fast["tokens_per_s"] / r["tokens_per_s"] if fast else float("nan")
-            mem = fast["peak_mb"] / r["peak_mb"] if fast else float("nan")
+            ratio = fast["tokens_per_s"] / r["tokens_per_s"] if fast else nan
+            mem = fast["peak_mb"] / r["peak_mb"] if fast else nan
             growth = r["peak_mb"] - r["base_mb"]
-            nan = float("nan")
             live = r.get("live_peak_mb", nan)
             live_ratio = fast.get("live_peak_mb", nan) / live if fast else nan
             lines.append(

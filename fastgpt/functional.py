@@ -127,23 +127,23 @@ def add_layer_norm(
     return out
 
 
-def _check_linear_weight(name, input, weight, bias):
-    """weight (N, C) and bias (N,) or None for an input (..., C)."""
+def _check_linear_weight(name, input, weight):
+    """weight (N, C) for an input (..., C), the matmul at the end of a fused op."""
     if weight.dim() != 2 or input.dim() == 0 or weight.shape[1] != input.shape[-1]:
         raise RuntimeError(
             f"{name}: weight of shape {list(weight.shape)} must be (out_features, "
             f"{input.shape[-1] if input.dim() else '?'}) for an input of shape {list(input.shape)}"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise RuntimeError(
-            f"{name}: linear_bias of shape {list(bias.shape)} must be ({weight.shape[0]},), "
-            "the weight's out_features"
-        )
 
 
 def _layer_norm_linear(name, input, residual, normalized_shape, weight, bias, lw, lb, eps):
     shape = _check_layer_norm_args(name, input, normalized_shape, weight, bias, residual)
-    _check_linear_weight(name, input, lw, lb)
+    _check_linear_weight(name, input, lw)
+    if lb is not None and tuple(lb.shape) != (lw.shape[0],):
+        raise RuntimeError(
+            f"{name}: linear_bias of shape {list(lb.shape)} must be ({lw.shape[0]},), "
+            "the weight's out_features"
+        )
     backend = _backend.backend_for(input)
     why = _unsupported(backend, (residual, weight, bias, lw, lb), input)
     if not why and len(shape) != 1:
@@ -298,11 +298,7 @@ def bias_gelu_linear(
         raise RuntimeError("bias_gelu_linear: input must have at least one dim")
     if bias is not None:
         _check_gelu_bias("bias_gelu_linear", input, bias)
-    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
-        raise RuntimeError(
-            f"bias_gelu_linear: weight of shape {list(weight.shape)} must be (out_features, "
-            f"{input.shape[-1]}) for an input of shape {list(input.shape)}"
-        )
+    _check_linear_weight("bias_gelu_linear", input, weight)
     _check_approximate("bias_gelu_linear", approximate)
     backend = _backend.backend_for(input)
     why = _unsupported(backend, (bias, weight, linear_bias), input)

@@ -71,11 +71,12 @@ def _normalize(x, residual, weight, bias, eps, backend):
 
 
 def _normalize_backward(backend, dy, normed, mean, rstd, weight, dsummed, weight_grad, bias_grad):
-    """``(dx, dweight, dbias)``; dx also carries ``dsummed``, the gradient of the sum output."""
+    """``(dx, dweight, dbias)``, dweight/dbias None unless their flag is on; dx also carries
+    ``dsummed``, the gradient of the sum output."""
     if dy is None:
         dy = torch.zeros_like(normed)
     bwd = _backend.kernel("layer_norm", "layer_norm_bwd", backend, normed.device)
-    return bwd(
+    dx, dweight, dbias = bwd(
         dy.contiguous(),
         normed,
         mean,
@@ -85,6 +86,7 @@ def _normalize_backward(backend, dy, normed, mean, rstd, weight, dsummed, weight
         weight_grad,
         bias_grad,
     )
+    return dx, dweight if weight_grad else None, dbias if bias_grad else None
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -112,14 +114,7 @@ class LayerNormFunction(torch.autograd.Function):
         dx, dweight, dbias = _normalize_backward(
             ctx.backend, dy, normed, mean, rstd, weight, dsummed, weight_grad, bias_grad
         )
-        return (
-            dx,
-            dx if ctx.fused and need[1] else None,
-            dweight if weight_grad else None,
-            dbias if bias_grad else None,
-            None,
-            None,
-        )
+        return dx, dx if ctx.fused and need[1] else None, dweight, dbias, None, None
 
 
 class LayerNormLinearFunction(torch.autograd.Function):
@@ -174,7 +169,5 @@ class LayerNormLinearFunction(torch.autograd.Function):
             dx, dweight, dbias = _normalize_backward(
                 ctx.backend, dy, normed, mean, rstd, weight, dsummed, weight_grad, bias_grad
             )
-            dweight = dweight if weight_grad else None
-            dbias = dbias if bias_grad else None
         dres = dx if ctx.fused and need[1] else None
         return dx if need[0] else None, dres, dweight, dbias, None, dweight_l, dbias_l, None

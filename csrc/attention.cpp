@@ -26,10 +26,9 @@
 // bf16/fp16 inputs are widened to fp32 once (O(T·D)) and the results rounded once on the way out;
 // float64 (gradcheck) computes in double.
 #include "common.h"
+#include "gemm.h"
 #include "huge_pages.h"
 
-#include <ATen/ops/addmm_cpu_dispatch.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
@@ -77,13 +76,7 @@ struct BlockGemm {
       return;
     }
     at::Tensor a = view(A, m, k, lda, ta), b = view(B, k, n, ldb, tb);
-    // at::cpu:: calls the CPU kernel of at::mm_out / at::addmm_out without a trip through the
-    // dispatcher: a few microseconds less per block product, measurably faster at T = 1024.
-    if (accumulate) {
-      at::cpu::addmm_out(c, c, a, b);
-    } else {
-      at::cpu::mm_out(c, a, b);
-    }
+    gemm::mm_out(c, a, b, accumulate);
   }
 };
 

@@ -2,21 +2,20 @@
 // holding the (N, V) logits whole.
 //
 // The rows go in chunks through one reused (chunk, V) buffer:
-//   1. logits of the chunk        buf = x_c @ W^T (+ b)           (MKL through ATen)
+//   1. logits of the chunk        buf = x_c @ W^T (+ b)           (ATen's GEMM: csrc/gemm.h)
 //   2. loss and dlogits in place  buf = scale * (softmax - onehot) (the cross-entropy row kernels)
-//   3. d_input of the chunk       d_x[c] = buf @ W                 (MKL)
-//      d_weight accumulated       d_W += buf^T @ x_c              (MKL, beta = 1 after the first)
+//   3. d_input of the chunk       d_x[c] = buf @ W                 (GEMM)
+//      d_weight accumulated       d_W += buf^T @ x_c              (GEMM, beta = 1 after the first)
 //      d_bias accumulated         d_b += column sums of buf
 // The gradients are those of the reduced loss with grad_output = 1; the backward scales them in
 // place. For reduction "none" d_weight cannot be rescaled per row afterwards, so there the forward
 // computes the losses only and the backward runs this op again with `row_scale = grad_output`.
 // Peak memory beyond inputs and gradients: the chunk buffer.
 #include "cross_entropy.h"
+#include "gemm.h"
 #include "huge_pages.h"
 
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
@@ -101,9 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
     at::Tensor logits = buf.narrow(0, 0, rows);
     const at::Tensor x = input.narrow(0, r0, rows);
     if (bias.defined()) {
-      at::addmm_out(logits, bias, x, wt);
+      gemm::addmm_out(logits, bias, x, wt);
     } else {
-      at::mm_out(logits, x, wt);
+      gemm::mm_out(logits, x, wt, /*accumulate=*/false);
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
       using acc = acc_t<scalar_t>;
@@ -117,16 +116,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
     if (!any_grad) continue;
     if (input_grad) {
       at::Tensor dx = d_input.narrow(0, r0, rows);
-      at::mm_out(dx, logits, weight);
+      gemm::mm_out(dx, logits, weight, /*accumulate=*/false);
     }
     if (weight_grad) {
-      // For bf16/fp16 d_W is accumulated in its own dtype, one rounding per chunk (MKL's
+      // For bf16/fp16 d_W is accumulated in its own dtype, one rounding per chunk (ATen's
       // reduced-precision GEMM accumulates each product in fp32).
-      if (r0 == 0) {
-        at::mm_out(d_weight, logits.t(), x);
-      } else {
-        at::addmm_out(d_weight, d_weight, logits.t(), x);
-      }
+      gemm::mm_out(d_weight, logits.t(), x, /*accumulate=*/r0 > 0);
     }
     if (bias_grad) d_bias_acc.add_(at::sum(logits, {0}, false, acc_type));
   }

@@ -6,6 +6,7 @@
 // returned handle owns the registrations, so fastgpt_unregister_cpu_kernels() removes them again.
 // That lets the tests switch between ISA builds inside one process.
 #include "common.h"
+#include "gemm.h"
 
 #define FASTGPT_STR2(x) #x
 #define FASTGPT_STR(x) FASTGPT_STR2(x)
@@ -37,6 +38,16 @@ __attribute__((visibility("default"))) const char* fastgpt_cpu_isa() {
 
 __attribute__((visibility("default"))) int fastgpt_float_lanes() {
   return static_cast<int>(at::vec::Vectorized<float>::size());
+}
+
+// Which library runs fp32 matrix products (csrc/gemm.h): 0 auto, 1 onednn, 2 aten.
+__attribute__((visibility("default"))) void fastgpt_set_gemm_choice(int choice) {
+  fastgpt::gemm::choice().store(choice);
+}
+
+// Whether oneDNN's fp32 matmul can run here (symbol, CPU, torch.backends.mkldnn.enabled).
+__attribute__((visibility("default"))) int fastgpt_onednn_usable() {
+  return fastgpt::gemm::onednn_usable() ? 1 : 0;
 }
 
 }  // extern "C"

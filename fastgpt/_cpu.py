@@ -5,6 +5,11 @@ _C_avx512. The best build the running CPU supports (as torch itself detects it) 
 first CPU-kernel call; ``FASTGPT_CPU_ISA=default|avx2|avx512`` forces a lower one. Each build
 registers its kernels for the CPU dispatch key and can unregister them again, so
 ``use_isa(name)`` switches builds inside one process (the tests run every op on every build).
+
+fp32 matrix products inside the kernels (F.linear, the fused linears, linear + cross-entropy,
+attention's block products) go to oneDNN or MKL, both ATen's, as
+``FASTGPT_CPU_GEMM=auto|onednn|aten`` says (csrc/gemm.h: why and when); ``use_gemm(name)``
+switches it at run time.
 """
 
 from __future__ import annotations
@@ -22,6 +27,17 @@ ISAS = ("default", "avx2", "avx512")  # lowest first
 _HERE = os.environ.get("FASTGPT_EXT_DIR") or os.path.dirname(os.path.abspath(__file__))
 _libs: dict[str, ctypes.CDLL] = {}
 _active: tuple[str, int] | None = None  # (isa, registration handle)
+
+GEMMS = ("auto", "onednn", "aten")  # csrc/gemm.h's Choice, in its order
+
+
+def _check_gemm(name: str, source: str) -> str:
+    if name not in GEMMS:
+        raise ValueError(f"{source} must be one of {GEMMS}, got {name!r}")
+    return name
+
+
+_gemm = _check_gemm(os.environ.get("FASTGPT_CPU_GEMM") or "auto", "FASTGPT_CPU_GEMM")
 
 
 def _path(isa: str) -> str | None:
@@ -63,6 +79,7 @@ def _lib(isa: str) -> ctypes.CDLL:
         lib.fastgpt_register_cpu_kernels.restype = ctypes.c_void_p
         lib.fastgpt_unregister_cpu_kernels.argtypes = [ctypes.c_void_p]
         lib.fastgpt_cpu_isa.restype = ctypes.c_char_p
+        lib.fastgpt_set_gemm_choice.argtypes = [ctypes.c_int]
         _libs[isa] = lib
     return _libs[isa]
 
@@ -78,6 +95,7 @@ def load(isa: str) -> None:
     if _active is not None:
         _lib(_active[0]).fastgpt_unregister_cpu_kernels(_active[1])
         _active = None
+    lib.fastgpt_set_gemm_choice(GEMMS.index(_gemm))
     _active = (isa, lib.fastgpt_register_cpu_kernels())
 
 
@@ -118,3 +136,25 @@ def use_isa(isa: str) -> Iterator[None]:
     finally:
         if previous:
             load(previous)
+
+
+def gemm_library() -> str:
+    """The library the kernels' large fp32 products run on now: "onednn" or "mkl"."""
+    if _gemm == "aten" or not _lib(current_isa()).fastgpt_onednn_usable():
+        return "mkl"
+    return "onednn"
+
+
+@contextmanager
+def use_gemm(name: str) -> Iterator[None]:
+    """Run the block with fp32 products chosen by ``name`` (one of ``GEMMS``)."""
+    global _gemm
+    previous, _gemm = _gemm, _check_gemm(name, "gemm")
+    if _active is not None:
+        _lib(_active[0]).fastgpt_set_gemm_choice(GEMMS.index(name))
+    try:
+        yield
+    finally:
+        _gemm = previous
+        if _active is not None:
+            _lib(_active[0]).fastgpt_set_gemm_choice(GEMMS.index(previous))

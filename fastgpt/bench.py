@@ -29,6 +29,7 @@ from fastgpt import bench_cases, profiling
 # 512 tokens. Full: the shapes of the pytest-benchmark suites (benchmarks/) but their big ones.
 FP32, BOTH = [torch.float32], [torch.float32, torch.bfloat16]
 QUICK = [
+    ("linear", (2048, 768, 3072), FP32, ["fwd+bwd"]),
     ("layer_norm", (8192, 768), FP32, ["fwd+bwd"]),
     ("add_layer_norm", (8192, 768), FP32, ["fwd+bwd"]),
     ("gelu_tanh", (8192, 3072), FP32, ["fwd+bwd"]),
@@ -39,6 +40,10 @@ QUICK = [
     ("attention", (2, 12, 1024, 1024, 64), FP32, ["fwd+bwd"]),
 ]
 FULL = [
+    *[
+        ("linear", shape, BOTH, ["fwd", "fwd+bwd"])
+        for shape in ((2048, 768, 2304), (2048, 768, 3072), (2048, 3072, 768))
+    ],
     *[
         (op, shape, BOTH, ["fwd", "fwd+bwd"])
         for op in ("layer_norm", "add_layer_norm")

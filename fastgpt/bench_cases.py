@@ -205,6 +205,22 @@ def memory_floor(x, *vectors):
 FLOOR_CONTENDERS = DEFAULT_CONTENDERS + ("floor",)
 
 
+# ---- linear ---------------------------------------------------------------------------------
+# shape (N, K, M): input (N, K), weight (M, K), bias (M). FLOPs: the product; the backward's two
+# (d_input, d_weight) are twice that. Bytes: read input and weight, write the output.
+
+
+@case_builder("linear")
+def _linear(shape, dtype, device):
+    n, k, m = shape
+    x = _randn((n, k), dtype, device)
+    w = _randn((m, k), dtype, device, seed=1, scale=k**-0.5)
+    b = _randn(m, dtype, device, seed=2)
+    forwards = {"fastgpt": F.linear, "eager": TF.linear}
+    elt = x.element_size()
+    return Built((x, w, b), forwards, 2.0 * n * k * m, float((n * k + m * k + n * m) * elt))
+
+
 # ---- LayerNorm ------------------------------------------------------------------------------
 # Bytes: read x (and r), write y (and the sum); the backward reads x and dy and writes dx.
 

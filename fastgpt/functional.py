@@ -12,13 +12,16 @@ from collections.abc import Sequence
 import torch
 
 from fastgpt import _backend, reference
+from fastgpt.ops._linear import linear_forward
 from fastgpt.ops.attention import AttentionFunction
 from fastgpt.ops.cross_entropy import REDUCTIONS, CrossEntropyFunction
 from fastgpt.ops.gelu import GeluFunction, GeluLinearFunction
 from fastgpt.ops.layer_norm import LayerNormFunction, LayerNormLinearFunction
+from fastgpt.ops.linear import LinearFunction
 from fastgpt.ops.linear_cross_entropy import LinearCrossEntropyFunction
 
 __all__ = [
+    "linear",
     "layer_norm",
     "add_layer_norm",
     "layer_norm_linear",
@@ -46,6 +49,39 @@ def _unsupported(backend: str, tensors: Sequence[torch.Tensor | None], x: torch.
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             return "arguments of mixed dtype or device"
     return ""
+
+
+# ---- linear (kernel path: fastgpt/ops/linear.py) ----------------------------------------------
+
+
+def linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``torch.nn.functional.linear``: input (..., K) · weight (N, K)ᵀ + bias (N,).
+
+    The product is ``fastgpt::matmul``, whose CPU kernel runs fp32 on oneDNN where MKL (ATen's
+    default) would run slower kernels (csrc/gemm.h); gradients are autograd's formulas on the
+    same op. Other forms (a 1-D weight, a broadcast bias, mixed dtypes, a dtype the backend has
+    no kernel for) run torch's own ``F.linear``: the same values and torch's errors.
+    """
+    backend = _backend.backend_for(input)
+    why = _unsupported(backend, (weight, bias), input)
+    if not why and not (
+        input.dim() >= 1
+        and weight.dim() == 2
+        and weight.shape[1] == input.shape[-1]
+        and (bias is None or tuple(bias.shape) == (weight.shape[0],))
+    ):
+        why = "shapes other than (..., K) input, (N, K) weight, (N,) bias"
+    if why:
+        _backend.fallback("linear", why)
+        return torch.nn.functional.linear(input, weight, bias)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    ):
+        return LinearFunction.apply(input, weight, bias, backend)
+    # Inference: the op directly, without the autograd Function's per-call bookkeeping.
+    return linear_forward(input, weight, bias, backend)
 
 
 def _check_layer_norm_args(name, input, normalized_shape, weight, bias, residual=None):

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from fastgpt import functional as F
-from fastgpt.ops._linear import linear_backward
+from fastgpt.ops import _linear
 
 __all__ = ["GPT", "GPTConfig", "KVCache"]
 
@@ -161,7 +161,9 @@ class _MergeHeadsLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias):
         B, H, T, hd = y.shape
-        out = torch.nn.functional.linear(y.transpose(1, 2).reshape(B, T, H * hd), weight, bias)
+        ctx.backend = _linear.backend_for(y, weight, bias)
+        merged = y.transpose(1, 2).reshape(B, T, H * hd)
+        out = _linear.linear_forward(merged, weight, bias, ctx.backend)
         ctx.save_for_backward(y, weight)
         ctx.has_bias = bias is not None
         return out
@@ -171,13 +173,14 @@ class _MergeHeadsLinear(torch.autograd.Function):
         y, weight = ctx.saved_tensors
         B, H, T, hd = y.shape
         need = ctx.needs_input_grad
-        dy, dweight, dbias = linear_backward(
+        dy, dweight, dbias = _linear.linear_backward(
             dout,
             weight,
             lambda: y.transpose(1, 2).reshape(B * T, H * hd),  # the heads merged again
             need[0],
             need[1],
             ctx.has_bias and need[2],
+            ctx.backend,
         )
         if dy is not None:
             dy = dy.view(B, T, H, hd).transpose(1, 2)
@@ -344,7 +347,7 @@ class GPT(nn.Module):
         h = self.hidden_states(idx)
         wte = self.transformer.wte.weight
         if targets is None:
-            return torch.nn.functional.linear(h, wte), None
+            return F.linear(h, wte), None
         loss = F.linear_cross_entropy(
             h.reshape(-1, h.shape[-1]), wte, targets.reshape(-1), ignore_index=-100
         )
@@ -394,7 +397,7 @@ class GPT(nn.Module):
 
     def _last_logits(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         h = self.hidden_states(idx, cache)[:, -1, :]  # only the last position is needed
-        return torch.nn.functional.linear(h, self.transformer.wte.weight).float()
+        return F.linear(h, self.transformer.wte.weight).float()
 
     # -- weights: transformers, Hugging Face cache, safetensors ---------------------------------
 

@@ -58,6 +58,18 @@ def add_layer_norm(
     return layer_norm(summed, normalized_shape, weight, bias, eps), summed
 
 
+# ---- linear -----------------------------------------------------------------------------------
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """input·weightᵀ + bias, computed in fp32 (float64 stays float64) and rounded once."""
+    dt = _compute_dtype(input.dtype)
+    y = input.to(dt) @ weight.to(dt).t()
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y.to(input.dtype)
+
+
 # ---- GELU -------------------------------------------------------------------------------------
 
 _SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)

@@ -37,14 +37,23 @@ TOLERANCES = {
 }
 
 
+# The library of the kernels' fp32 matrix products (csrc/gemm.h) rides along with the ISA build:
+# the build decides fastgpt's own vector code, the library the products, and the two are
+# independent, so pairing them covers both libraries in every op's tests without running them
+# all twice. "onednn" sends every product there, below the size threshold "auto" keeps on MKL.
+GEMM_FOR_ISA = {"default": "auto", "avx2": "aten", "avx512": "onednn"}
+
+
 def run_on(backend: str):
-    """Context manager running fastgpt ops on ``backend`` ("cpu-avx2" = C++ kernels, AVX2 build)."""
+    """Context manager running fastgpt ops on ``backend`` ("cpu-avx2" = C++ kernels, AVX2 build,
+    with GEMM_FOR_ISA's product library)."""
     from contextlib import ExitStack
 
     stack = ExitStack()
     if backend.startswith("cpu-"):
         stack.enter_context(fastgpt.use_backend("cpu"))
         stack.enter_context(_cpu.use_isa(backend[4:]))
+        stack.enter_context(_cpu.use_gemm(GEMM_FOR_ISA[backend[4:]]))
     else:
         stack.enter_context(fastgpt.use_backend(backend))
     return stack

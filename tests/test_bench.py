@@ -6,6 +6,7 @@ import torch
 from fastgpt import bench, bench_cases
 
 TINY = {
+    "linear": (16, 32, 24),
     "layer_norm": (16, 32),
     "add_layer_norm": (16, 32),
     "gelu_tanh": (16, 32),
@@ -92,5 +93,5 @@ def test_plot_draws_the_sweeps(monkeypatch, tmp_path):
 
 
 def test_unknown_op_is_refused_with_the_list():
-    with pytest.raises(SystemExit, match="no op nope; ops: layer_norm"):
+    with pytest.raises(SystemExit, match="no op nope; ops: linear layer_norm"):
         bench.main(["--ops", "nope"])

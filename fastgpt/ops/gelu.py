@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastgpt import _backend
-from fastgpt.ops._linear import linear_backward
+from fastgpt.ops._linear import linear_backward, linear_forward
 from fastgpt.ops._registry import define
 
 FWD = define("gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor", "gelu")
@@ -68,7 +68,7 @@ class GeluLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, weight, linear_bias, approximate, backend):
         fwd = _backend.kernel("gelu", "gelu_fwd", backend, x.device)
-        y = torch.nn.functional.linear(fwd(x, bias, approximate), weight, linear_bias)
+        y = linear_forward(fwd(x, bias, approximate), weight, linear_bias, backend)
         ctx.save_for_backward(x, bias, weight)
         ctx.approximate = approximate
         ctx.backend = backend
@@ -91,6 +91,7 @@ class GeluLinearFunction(torch.autograd.Function):
             need_x or need_bias,
             need_weight,
             ctx.has_linear_bias and need_linear_bias,
+            ctx.backend,
         )
         dx = dbias = None
         if dg is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastgpt import _backend
-from fastgpt.ops._linear import linear_backward
+from fastgpt.ops._linear import linear_backward, linear_forward
 from fastgpt.ops._registry import define
 
 FWD = define(
@@ -134,7 +134,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, linear_weight, linear_bias, backend):
         y, normed, mean, rstd = _normalize(x, residual, weight, bias, eps, backend)
-        out = torch.nn.functional.linear(y, linear_weight, linear_bias)
+        out = linear_forward(y, linear_weight, linear_bias, backend)
         ctx.save_for_backward(normed, mean, rstd, weight, bias, linear_weight)
         ctx.fused = residual is not None
         ctx.eps = eps
@@ -161,6 +161,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
                 need_norm,
                 need[5],
                 ctx.has_linear_bias and need[6],
+                ctx.backend,
             )
         dx = dweight = dbias = None
         if need_norm and (dy is not None or dsummed is not None):

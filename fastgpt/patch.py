@@ -8,8 +8,9 @@ The work is driven by ``RULES``, a table from a module predicate to a replacemen
 a model's forward. Three mechanisms cover the rules:
 
 * **class swap** — the module's class becomes a subclass with one method replaced (for
-  ``nn.LayerNorm`` and ``nn.GELU`` that subclass is simply ``fastgpt.nn.LayerNorm``/``GELU``;
-  transformers' ``GPT2MLP`` gets a forward running its GELU and ``c_proj`` as one
+  ``nn.Linear``, ``nn.LayerNorm`` and ``nn.GELU`` that subclass is simply
+  ``fastgpt.nn.Linear``/``LayerNorm``/``GELU``; transformers' ``Conv1D`` gets a forward through
+  ``fastgpt.functional.linear``, and its ``GPT2MLP`` one running its GELU and ``c_proj`` as one
   ``bias_gelu_linear``, which keeps the GELU input instead of its output for the backward).
   Parameters, buffers, hooks, state_dict keys and ``isinstance`` all stay as they were.
 * **functional rebinding** — a user module whose ``forward`` calls ``torch.nn.functional``'s
@@ -164,6 +165,33 @@ def _gelu_erf_forward(self, input):
 _GELU_FORWARDS = {"tanh": _gelu_tanh_forward, "none": _gelu_erf_forward}
 
 
+# -- transformers Conv1D (GPT-2's projections): a linear whose weight is stored transposed -------
+
+
+def _conv1d_class(cls: type) -> bool:
+    return cls.__module__ == "transformers.pytorch_utils" and cls.__name__ == "Conv1D"
+
+
+def _conv1d_forward(self, x):
+    # x @ W + b with W stored (in, out): F.linear with the weight transposed (a view; its
+    # gradient comes back in W's own layout, no copy).
+    return F.linear(x, self.weight.t(), self.bias)
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D, patched or not, whose forward is Conv1D's own (or fastgpt's)."""
+    base = next((c for c in type(m).__mro__ if _conv1d_class(c)), None)
+    return base is not None and type(m).forward in (base.forward, _conv1d_forward)
+
+
+def _hf_conv1d(m: nn.Module) -> bool:
+    return any(_conv1d_class(c) for c in type(m).__mro__)
+
+
+def _hf_conv1d_refuse(m: nn.Module) -> str:
+    return "" if _is_hf_conv1d(m) else f"{type(m).__qualname__} overrides forward; left alone"
+
+
 # -- transformers GPT-2 MLP: the GELU and c_proj as one bias_gelu_linear ------------------------
 
 
@@ -183,8 +211,7 @@ def _hf_mlp_approximate(m: nn.Module) -> str | None:
 
 
 def _hf_mlp_refuse(m: nn.Module) -> str:
-    convs = (type(m.c_fc).__name__, type(m.c_proj).__name__)
-    if convs != ("Conv1D", "Conv1D") or type(m.c_fc).forward is not type(m.c_proj).forward:
+    if not (_is_hf_conv1d(m.c_fc) and _is_hf_conv1d(m.c_proj)):
         return "c_fc / c_proj are not transformers' Conv1D; left alone"
     if _hf_mlp_approximate(m) is None:
         return f"activation {type(m.act).__name__} is not a GELU fastgpt computes; left alone"
@@ -195,7 +222,7 @@ def _hf_mlp_forward_for(approximate: str):
     def forward(self, hidden_states):
         # Conv1D computes x @ W + b with W stored (in, out): the c_fc bias goes into the GELU,
         # c_proj's W transposed is the (out, in) weight of a linear.
-        h = torch.matmul(hidden_states, self.c_fc.weight)
+        h = F.linear(hidden_states, self.c_fc.weight.t())
         y = F.bias_gelu_linear(
             h, self.c_fc.bias, self.c_proj.weight.t(), self.c_proj.bias, approximate
         )
@@ -340,6 +367,13 @@ def _twins_used(m: nn.Module) -> str:
 
 RULES: list[Rule] = [
     Rule(
+        "torch.nn.Linear",
+        "fastgpt.nn.Linear",
+        lambda m: isinstance(m, nn.Linear),
+        _swap_class(_twin(nn.Linear, fnn.Linear)),
+        _own_forward(nn.Linear),
+    ),
+    Rule(
         "torch.nn.LayerNorm",
         "fastgpt.nn.LayerNorm",
         lambda m: isinstance(m, nn.LayerNorm),
@@ -358,6 +392,13 @@ RULES: list[Rule] = [
         "fastgpt.functional.gelu",
         _hf_gelu,
         _swap_class(_hf_gelu_class),
+    ),
+    Rule(
+        "transformers Conv1D",
+        "fastgpt.functional.linear (the weight transposed)",
+        _hf_conv1d,
+        _swap_class(lambda m: _subclass(type(m), "forward", _conv1d_forward)),
+        _hf_conv1d_refuse,
     ),
     Rule(
         "transformers GPT-2 MLP",

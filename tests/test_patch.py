@@ -74,7 +74,11 @@ def test_transformers_dry_run_lists_the_swaps_and_changes_nothing():
     assert "NewGELUActivation" in swapped["transformer.h.0.mlp.act"].what
     assert "bias_gelu_linear" in swapped["transformer.h.0.mlp"].replacement
     assert "cross_entropy" in swapped[""].replacement  # the LM loss
-    assert len(report.swapped) == 2 * 5 + 1 + 1  # 2 layers: 2 LN, attn, mlp, act; ln_f; loss
+    for conv in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        assert "fastgpt.functional.linear" in swapped[f"transformer.h.1.{conv}"].replacement
+    assert swapped["lm_head"].replacement == "fastgpt.nn.Linear"
+    # 2 layers: 2 LN, attn, mlp, act, 4 Conv1D; ln_f; lm_head; loss
+    assert len(report.swapped) == 2 * 9 + 1 + 1 + 1
     assert "transformer.h.0.ln_1" in str(report)
     # after patching, a second patch finds nothing left to do
     fastgpt.patch(hf)
@@ -172,10 +176,11 @@ def test_any_layernorm_and_gelu_anywhere_and_subclasses():
     )
     ref = copy.deepcopy(model)
     report = fastgpt.patch(model, dry_run=True)
-    assert [e.path for e in report.swapped] == ["1", "2", "3", "5"]
+    assert [e.path for e in report.swapped] == ["0", "1", "2", "3", "5"]
     assert [e.path for e in report.skipped] == ["4"]
     assert "overrides forward" in report.skipped[0].replacement
     fastgpt.patch(model)
+    assert type(model[0]) is fnn.Linear
     assert type(model[1]) is fnn.LayerNorm and type(model[2]) is fnn.GELU
     assert isinstance(model[3], MyNorm) and type(model[4]) is OwnForward
     x = torch.randn(5, 8, requires_grad=True)
@@ -185,6 +190,31 @@ def test_any_layernorm_and_gelu_anywhere_and_subclasses():
     ref(x2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
     assert_same_grads(ref, model)
+
+
+def test_transformers_conv1d_runs_fastgpt_linear_and_keeps_its_layout():
+    from transformers.pytorch_utils import Conv1D
+
+    class Doubled(Conv1D):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(24, 16), Doubled(8, 24))
+    ref = copy.deepcopy(model)
+    fastgpt.patch(model)
+    report = model.fastgpt_patch_report
+    assert [e.path for e in report.swapped] == ["0"]
+    assert [e.path for e in report.skipped] == ["1"] and "overrides forward" in str(report)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(model(x), ref(x2), atol=1e-5, rtol=1e-5)
+    model(x).sum().backward()
+    ref(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    assert_same_grads(ref, model)
+    # the (in, out) weight gets its gradient in its own layout, as unpatched
+    assert model[0].weight.grad.is_contiguous()
 
 
 def test_fastgpt_gpt_needs_no_patch():

@@ -186,6 +186,21 @@ def test_matmul_operand_layouts(gemm):
                 assert_close(got, want, torch.float32, reduction_scale(130))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_few_row_products_with_a_bias(rows):
+    """One row with a bias and a transposed weight made oneDNN's matmul write outside its output
+    (wrong values, then a heap-corruption abort): single rows stay on MKL, and a few rows, which
+    do go to oneDNN, are right (csrc/gemm.h)."""
+    with run_on(BEST_CPU), _cpu.use_gemm("onednn"):
+        for k in (2048, 3072, 8192):
+            for _ in range(5):
+                a = make((rows, k), torch.float32, k, False)
+                w = make((768, k), torch.float32, 1, False)
+                bias = make((768,), torch.float32, 2, False)
+                got = torch.ops.fastgpt.matmul(a, w.t(), bias)
+                assert_close(got, a @ w.t() + bias, torch.float32, reduction_scale(k))
+
+
 @pytest.mark.parametrize("isa", _cpu.supported_isas())
 def test_opcheck(isa):
     a, b = make((17, 33), torch.float32, 0, False), make((33, 9), torch.float32, 1, False)

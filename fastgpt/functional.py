@@ -59,12 +59,16 @@ def linear(
 ) -> torch.Tensor:
     """``torch.nn.functional.linear``: input (..., K) · weight (N, K)ᵀ + bias (N,).
 
-    The product is ``fastgpt::matmul``, whose CPU kernel runs fp32 on oneDNN where MKL (ATen's
-    default) would run slower kernels (csrc/gemm.h); gradients are autograd's formulas on the
-    same op. Other forms (a 1-D weight, a broadcast bias, mixed dtypes, a dtype the backend has
-    no kernel for) run torch's own ``F.linear``: the same values and torch's errors.
+    fp32 on the CPU backend runs ``fastgpt::matmul``, whose kernel sends the product to oneDNN
+    where MKL (ATen's default) would run slower kernels (csrc/gemm.h); gradients are autograd's
+    formulas on the same op. Everything else is torch's own ``F.linear``, with its values and
+    errors: other dtypes and devices have no faster product to offer (torch already runs bf16 on
+    oneDNN, CUDA on cuBLAS), and other forms (a 1-D weight, a broadcast bias, mixed dtypes) are
+    torch's to handle.
     """
     backend = _backend.backend_for(input)
+    if backend != "reference" and (backend != "cpu" or input.dtype != torch.float32):
+        return torch.nn.functional.linear(input, weight, bias)
     why = _unsupported(backend, (weight, bias), input)
     if not why and not (
         input.dim() >= 1

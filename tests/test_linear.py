@@ -166,24 +166,26 @@ def test_forms_the_kernel_does_not_take_run_torch():
 # ---- the op itself: operand layouts, registration, compile, gradcheck, properties -------------
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
 @pytest.mark.parametrize("gemm", GEMMS)
-def test_matmul_operand_layouts(gemm):
+def test_matmul_operand_layouts_and_dtypes(gemm, dtype):
     """Row-major and transposed operands (read in place) and strided ones (copied) give the
-    product of their values; an accumulating C++ caller's beta path is linear+CE's d_weight."""
-    a_rm, b_rm = make((65, 130), torch.float32, 0, False), make((130, 47), torch.float32, 1, False)
+    product of their values, in every dtype the op takes (F.linear itself only sends fp32 here;
+    the fused linears send every dtype)."""
+    a_rm, b_rm = make((65, 130), dtype, 0, False), make((130, 47), dtype, 1, False)
     layouts = {
         "row-major": (a_rm, b_rm),
         "transposed": (a_rm.t().contiguous().t(), b_rm.t().contiguous().t()),
-        "strided": (make((65, 260), torch.float32, 2, False)[:, ::2], b_rm),
+        "strided": (make((65, 260), dtype, 2, False)[:, ::2], b_rm),
     }
     with run_on(BEST_CPU), _cpu.use_gemm(gemm):
         for name, (a, b) in layouts.items():
-            bias = make((47,), torch.float32, 3, False)
+            bias = make((47,), dtype, 3, False)
             for with_bias in (False, True):
                 got = torch.ops.fastgpt.matmul(a, b, bias if with_bias else None)
-                want = a @ b + (bias if with_bias else 0)
-                assert got.is_contiguous(), name
-                assert_close(got, want, torch.float32, reduction_scale(130))
+                want = reference.linear(a, b.t(), bias if with_bias else None)
+                assert got.is_contiguous() and got.dtype == dtype, name
+                assert_close(got, want, dtype, reduction_scale(130))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])

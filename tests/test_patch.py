@@ -30,6 +30,16 @@ def assert_same_grads(a: nn.Module, b: nn.Module):
         torch.testing.assert_close(pb[name].grad, pa[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def assert_same_outputs_and_grads(ref: nn.Module, model: nn.Module, x: torch.Tensor):
+    """model(x) equals ref(x), and so do the gradients of x and of every parameter."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(model(x1), ref(x2), atol=1e-5, rtol=1e-5)
+    model(x1).sum().backward()
+    ref(x2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    assert_same_grads(ref, model)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_transformers_gpt2_outputs_and_gradients_unchanged(attn):
     hf = hf_gpt2(attn_implementation=attn)
@@ -183,13 +193,7 @@ def test_any_layernorm_and_gelu_anywhere_and_subclasses():
     assert type(model[0]) is fnn.Linear
     assert type(model[1]) is fnn.LayerNorm and type(model[2]) is fnn.GELU
     assert isinstance(model[3], MyNorm) and type(model[4]) is OwnForward
-    x = torch.randn(5, 8, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_()
-    torch.testing.assert_close(model(x), ref(x2), atol=1e-5, rtol=1e-5)
-    model(x).sum().backward()
-    ref(x2).sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
-    assert_same_grads(ref, model)
+    assert_same_outputs_and_grads(ref, model, torch.randn(5, 8))
 
 
 def test_transformers_conv1d_runs_fastgpt_linear_and_keeps_its_layout():
@@ -206,13 +210,7 @@ def test_transformers_conv1d_runs_fastgpt_linear_and_keeps_its_layout():
     report = model.fastgpt_patch_report
     assert [e.path for e in report.swapped] == ["0"]
     assert [e.path for e in report.skipped] == ["1"] and "overrides forward" in str(report)
-    x = torch.randn(3, 5, 16, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_()
-    torch.testing.assert_close(model(x), ref(x2), atol=1e-5, rtol=1e-5)
-    model(x).sum().backward()
-    ref(x2).sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
-    assert_same_grads(ref, model)
+    assert_same_outputs_and_grads(ref, model, torch.randn(3, 5, 16))
     # the (in, out) weight gets its gradient in its own layout, as unpatched
     assert model[0].weight.grad.is_contiguous()
 

@@ -1,8 +1,9 @@
 """The matrix products of a linear layer, shared by every op that ends in one.
 
-``F.linear`` (fastgpt/ops/linear.py), the fused ops that end in a matmul (``bias_gelu_linear``,
-``layer_norm_linear``) and the GPT's heads-merging projection all multiply through the one custom
-op ``fastgpt::matmul`` (defined in fastgpt/ops/linear.py; its CPU kernel, csrc/linear.cpp, sends
+``F.linear`` (fastgpt/ops/linear.py; fp32 on the CPU backend, the one case where its product
+is not torch's), the fused ops that end in a matmul (``bias_gelu_linear``, ``layer_norm_linear``)
+and the GPT's heads-merging projection all multiply through the one custom op
+``fastgpt::matmul`` (defined in fastgpt/ops/linear.py; its CPU kernel, csrc/linear.cpp, sends
 fp32 products to the faster of ATen's two GEMM libraries, csrc/gemm.h). The formulas are
 autograd's own for ``F.linear``, so the gradients equal the plain composition's. On the
 reference backend the products are torch's own.

@@ -77,6 +77,15 @@ def assert_close(actual, expected, dtype, scale=1.0, equal_nan=False):
     )
 
 
+def assert_compiled_matches_eager(compiled, eager, ins, dy):
+    """``compiled(*ins)`` equals ``eager(*ins)`` in fp32, and so do the gradients of every input
+    for the upstream gradient ``dy`` (summed in other orders: 4x the tolerance)."""
+    out, out_e = compiled(*ins), eager(*ins)
+    assert_close(out, out_e, torch.float32)
+    for g, e in zip(torch.autograd.grad(out, ins, dy), torch.autograd.grad(out_e, ins, dy)):
+        assert_close(g, e, torch.float32, 4)
+
+
 def reduction_scale(terms):
     """Tolerance factor for a sum of ``terms`` values: summed in a different order, its rounding
     error grows like sqrt(terms) (at least 4x the elementwise tolerance)."""

@@ -73,13 +73,15 @@ inline int64_t row_grain(int64_t row_len) {
 }
 
 // Input checks shared by the kernels: each raises a Python RuntimeError with a clear message.
-inline void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
+// `contiguous = false` for operands of a matrix product, which ATen reads in any layout.
+inline void check_cpu_float(const at::Tensor& t, const char* op, const char* name,
+                            bool contiguous = true) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
                   t.scalar_type() == at::kHalf || t.scalar_type() == at::kDouble,
               op, ": ", name, " must be float32, bfloat16, float16 or float64, got ",
               t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(!contiguous || t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* op,

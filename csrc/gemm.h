@@ -30,6 +30,7 @@
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <cpuinfo.h>  // torch's copy, exported by libc10
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -60,7 +61,7 @@ inline int choice_from_env() {
 
 // One per build (.so): an inline function's static is shared by every file of the build.
 inline std::atomic<int>& choice() {
-  static std::atomic<int> c{choice_from_env() < 0 ? kAuto : choice_from_env()};
+  static std::atomic<int> c{std::max(choice_from_env(), int{kAuto})};  // -1 (invalid): auto
   return c;
 }
 

@@ -13,18 +13,10 @@
 namespace fastgpt {
 namespace {
 
-void check_operand(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
-                  t.scalar_type() == at::kHalf || t.scalar_type() == at::kDouble,
-              op, ": ", name, " must be float32, bfloat16, float16 or float64, got ",
-              t.scalar_type());
-}
-
 at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias) {
   constexpr const char* op = "fastgpt::matmul";
-  check_operand(a, op, "a");
-  check_operand(b, op, "b");
+  check_cpu_float(a, op, "a", /*contiguous=*/false);
+  check_cpu_float(b, op, "b", /*contiguous=*/false);
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": a and b must be 2-D, got shapes ", a.sizes(),
               " and ", b.sizes());
   TORCH_CHECK(a.size(1) == b.size(0), op, ": a of shape ", a.sizes(), " and b of shape ",
@@ -33,7 +25,7 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, const c10::optional<
               " but a has dtype ", a.scalar_type());
   at::Tensor out = empty_output({a.size(0), b.size(1)}, a.options());
   if (bias.has_value()) {
-    check_operand(*bias, op, "bias");
+    check_cpu_float(*bias, op, "bias", /*contiguous=*/false);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == b.size(1), op, ": bias must have shape (",
                 b.size(1), "), got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == a.scalar_type(), op, ": bias has dtype ",

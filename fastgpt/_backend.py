@@ -114,3 +114,16 @@ KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
 }
+
+
+def unsupported(backend: str, tensors, x: torch.Tensor) -> str:
+    """Why the kernels of ``backend`` cannot take a call whose main input is ``x`` and whose
+    other tensors (None allowed) are ``tensors`` ('' when they can)."""
+    if backend == "reference":
+        return "backend 'reference' selected"
+    if x.dtype not in KERNEL_DTYPES[backend]:
+        return f"dtype {x.dtype} has no {backend} kernel"
+    for t in tensors:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            return "arguments of mixed dtype or device"
+    return ""

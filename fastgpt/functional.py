@@ -39,18 +39,6 @@ def _normalized_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
     return (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
 
 
-def _unsupported(backend: str, tensors: Sequence[torch.Tensor | None], x: torch.Tensor) -> str:
-    """Why the kernels of ``backend`` cannot take this call ('' when they can)."""
-    if backend == "reference":
-        return "backend 'reference' selected"
-    if x.dtype not in _backend.KERNEL_DTYPES[backend]:
-        return f"dtype {x.dtype} has no {backend} kernel"
-    for t in tensors:
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            return "arguments of mixed dtype or device"
-    return ""
-
-
 # ---- linear (kernel path: fastgpt/ops/linear.py) ----------------------------------------------
 
 
@@ -69,7 +57,7 @@ def linear(
     backend = _backend.backend_for(input)
     if backend != "reference" and (backend != "cpu" or input.dtype != torch.float32):
         return torch.nn.functional.linear(input, weight, bias)
-    why = _unsupported(backend, (weight, bias), input)
+    why = _backend.unsupported(backend, (weight, bias), input)
     if not why and not (
         input.dim() >= 1
         and weight.dim() == 2
@@ -112,7 +100,7 @@ def _check_layer_norm_args(name, input, normalized_shape, weight, bias, residual
 def _layer_norm(name, input, residual, shape, weight, bias, eps):
     """Run the kernel on (rows, prod(normalized_shape)) views; None if the reference must."""
     backend = _backend.backend_for(input)
-    why = _unsupported(backend, (residual, weight, bias), input)
+    why = _backend.unsupported(backend, (residual, weight, bias), input)
     n = math.prod(shape)
     if not why and n == 0:
         why = "empty normalized_shape"
@@ -185,7 +173,7 @@ def _layer_norm_linear(name, input, residual, normalized_shape, weight, bias, lw
             "the weight's out_features"
         )
     backend = _backend.backend_for(input)
-    why = _unsupported(backend, (residual, weight, bias, lw, lb), input)
+    why = _backend.unsupported(backend, (residual, weight, bias, lw, lb), input)
     if not why and len(shape) != 1:
         why = "normalized_shape of more than one dim"
     if not why and shape[0] == 0:
@@ -294,7 +282,7 @@ def _gelu(name, input, bias, approximate):
     """Run the kernel on a contiguous input; None if the reference must."""
     _check_approximate(name, approximate)
     backend = _backend.backend_for(input)
-    why = _unsupported(backend, (bias,), input)
+    why = _backend.unsupported(backend, (bias,), input)
     if why:
         _backend.fallback(name, why)
         return None
@@ -341,7 +329,7 @@ def bias_gelu_linear(
     _check_linear_weight("bias_gelu_linear", input, weight)
     _check_approximate("bias_gelu_linear", approximate)
     backend = _backend.backend_for(input)
-    why = _unsupported(backend, (bias, weight, linear_bias), input)
+    why = _backend.unsupported(backend, (bias, weight, linear_bias), input)
     if why:
         _backend.fallback("bias_gelu_linear", why)
         g = (
@@ -408,7 +396,7 @@ def _check_attention_args(query, key, value, dropout_p):
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
     """Run the flash kernel on (B, H, T, D) views; None if the reference must."""
     backend = _backend.backend_for(query)
-    why = _unsupported(backend, (key, value), query)
+    why = _backend.unsupported(backend, (key, value), query)
     if not why and attn_mask is not None:
         why = "attn_mask tensor"
     if not why and (query.shape[:-2] != key.shape[:-2] or key.shape != value.shape):
@@ -474,7 +462,7 @@ def cross_entropy(
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     backend = _backend.backend_for(input)
-    why = _unsupported(backend, (), input)
+    why = _backend.unsupported(backend, (), input)
     picked = None if why else _ce_kernel_target(input, target)
     if not why and weight is not None:
         why = "class weight"
@@ -519,7 +507,7 @@ def linear_cross_entropy(
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     backend = _backend.backend_for(input)
-    why = _unsupported(backend, (linear_weight, linear_bias), input)
+    why = _backend.unsupported(backend, (linear_weight, linear_bias), input)
     if not why and weight is not None:
         why = "class weight"
     elif not why and not (

@@ -72,11 +72,6 @@ def linear_backward(
 
 def backend_for(x: torch.Tensor, *params: torch.Tensor | None) -> str:
     """The backend for a linear of input ``x``: the reference one where the kernels do not
-    compute x's dtype or the parameters differ from x in dtype or device."""
+    take the call (x's dtype, or parameters of another dtype or device)."""
     backend = _backend.backend_for(x)
-    if backend != "reference" and (
-        x.dtype not in _backend.KERNEL_DTYPES[backend]
-        or any(p is not None and (p.dtype != x.dtype or p.device != x.device) for p in params)
-    ):
-        return "reference"
-    return backend
+    return "reference" if _backend.unsupported(backend, params, x) else backend

@@ -7,7 +7,7 @@
 // Forward: tasks of (batch·head, query block, K/V split). Each task walks its key blocks with an
 // online softmax (running max m and sum l per row, in acc precision) and accumulates the
 // unnormalised output in place; key blocks wholly above the causal diagonal are never visited.
-// The two block products per step (S = Q·Kᵀ and O += P·V) go through ATen (at::mm_out /
+// The two block products per step (S = Q·Kᵀ and O += P·V) go through ATen (MKL: at::mm_out /
 // at::addmm_out on views of the block memory). Splitting K/V only happens when there are too few
 // (batch·head, query block) tasks for the threads (a decode step: Tq = 1, small B·H); the splits'
 // partial (O, m, l) are then combined in a fixed order, so the result stays deterministic.
@@ -55,7 +55,8 @@ constexpr int64_t kBwdK = 64;
 // ---- block products through ATen --------------------------------------------------------------
 
 // C (m x n, leading dim ldc) = [C +] op(A) · op(B), where op(X) is X or Xᵀ and every operand is a
-// row-major block of raw memory. The views are cheap (no copy); the product is ATen's (MKL/oneDNN).
+// row-major block of raw memory. The views are cheap (no copy); the product is ATen's, on MKL
+// (gemm::block_mm_out says why not oneDNN).
 template <typename acc>
 struct BlockGemm {
   at::TensorOptions opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value);
@@ -76,7 +77,7 @@ struct BlockGemm {
       return;
     }
     at::Tensor a = view(A, m, k, lda, ta), b = view(B, k, n, ldb, tb);
-    gemm::mm_out(c, a, b, accumulate);
+    gemm::block_mm_out(c, a, b, accumulate);
   }
 };
 

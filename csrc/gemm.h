@@ -111,6 +111,20 @@ inline void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
   }
 }
 
+// The same product, always on MKL: for kernels that issue thousands of small products per call
+// (attention's 64-256 row blocks). oneDNN's matmul creates (or looks up) a primitive and wraps the
+// memory on every call, ~15-20 us; measured on the 2-core Intel (AVX-512) machine, one thread, a
+// 128 x 256 x 64 block took 41 us through oneDNN against 24 us through MKL, and causal attention
+// at B=2, H=12, T=1024, D=64 went from 19.5 to 13.5 ms forward when its blocks left oneDNN.
+inline void block_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                         bool accumulate) {
+  if (accumulate) {
+    at::cpu::addmm_out(out, out, a, b);
+  } else {
+    at::cpu::mm_out(out, a, b);
+  }
+}
+
 // out (m x n) = bias (n, broadcast over the rows) + a · b; out as for mm_out.
 inline void addmm_out(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a,
                       const at::Tensor& b) {

@@ -7,17 +7,19 @@
 // Forward: tasks of (batch·head, query block, K/V split). Each task walks its key blocks with an
 // online softmax (running max m and sum l per row, in acc precision) and accumulates the
 // unnormalised output in place; key blocks wholly above the causal diagonal are never visited.
-// The two block products per step (S = Q·Kᵀ and O += P·V) go through ATen (MKL: at::mm_out /
-// at::addmm_out on views of the block memory). Splitting K/V only happens when there are too few
-// (batch·head, query block) tasks for the threads (a decode step: Tq = 1, small B·H); the splits'
-// partial (O, m, l) are then combined in a fixed order, so the result stays deterministic.
+// The two block products per step (S = Q·Kᵀ and O += P·V) are ATen's brgemm on pointers into the
+// blocks (gemm::block_mm); it takes no transposed operands, so each thread keeps Kᵀ in panels
+// (KtPanels). Splitting K/V only happens when there are too few (batch·head, query block) tasks
+// for the threads (short queries, small B·H); the splits' partial (O, m, l) are then combined in
+// a fixed order, so the result stays deterministic.
 // Tq = 1 (a decode step) has its own path without block products: see "decode" below.
 //
 // Backward: Δ = rowsum(dO∘O) first; then tasks of (batch·head, key-block split). A task owns its
 // key blocks, so it writes dK, dV without atomics; it recomputes P = exp(S·scale - lse) for every
-// query block that sees the key block and adds dS·K into a dQ that it owns too: the dQ of the
-// whole batch·head when splits = 1 (the usual case: B·H covers the threads), else a per-split
-// partial summed in split order at the end. Deterministic for a given thread count.
+// query block that sees the key block (as Pᵀ: see "backward" below) and adds (dS·K)ᵀ into a dQᵀ
+// that it owns too: the whole batch·head's when splits = 1 (the usual case: B·H covers the
+// threads), else a per-split partial summed in split order at the end. Deterministic for a given
+// thread count.
 //
 // Dropout: keep(b·h, i, j) comes from a splitmix64 hash of (seed, offset + flat index), so the
 // backward regenerates the forward's mask without storing it. The seed arrives as a tensor (see
@@ -30,7 +32,7 @@
 #include "huge_pages.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 
 #include <cmath>
@@ -44,7 +46,7 @@ using at::vec::Vectorized;
 
 // Block sizes (rows of Q x rows of K/V), tuned at B=2, H=12, T=1024, D=64 on this machine.
 // Forward: a 128 x 256 fp32 score block is 128 KiB and stays in L2 with its Q, K, V blocks while
-// the two products run. Backward: taller query blocks (256) give MKL fewer, larger products; narrow
+// the two products run. Backward: taller query blocks (256) give fewer, larger products; narrow
 // key blocks (64) keep the causal waste (the masked triangle of the diagonal block) small, since a
 // key block's query range starts exactly at its first visible query.
 constexpr int64_t kBlockQ = 128;
@@ -52,34 +54,39 @@ constexpr int64_t kBlockK = 256;
 constexpr int64_t kBwdQ = 256;
 constexpr int64_t kBwdK = 64;
 
-// ---- block products through ATen --------------------------------------------------------------
+// ---- block products and transposes --------------------------------------------------------------
 
-// C (m x n, leading dim ldc) = [C +] op(A) · op(B), where op(X) is X or Xᵀ and every operand is a
-// row-major block of raw memory. The views are cheap (no copy); the product is ATen's, on MKL
-// (gemm::block_mm_out says why not oneDNN).
+// C (m x n, leading dim ldc) = [C +] A (m x k) · B (k x n), every operand a row-major block of
+// raw memory (gemm::block_mm: oneDNN's brgemm for fp32). Zero-sized blocks are handled here.
 template <typename acc>
-struct BlockGemm {
-  at::TensorOptions opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value);
-
-  // The (rows x cols) operand op(X): X is stored row-major with leading dim ld, transposed if t.
-  at::Tensor view(const acc* p, int64_t rows, int64_t cols, int64_t ld, bool t) const {
-    auto* q = const_cast<acc*>(p);
-    return t ? at::from_blob(q, {rows, cols}, {1, ld}, opts)
-             : at::from_blob(q, {rows, cols}, {ld, 1}, opts);
+inline void mm(int64_t m, int64_t n, int64_t k, const acc* A, int64_t lda, const acc* B,
+               int64_t ldb, acc* C, int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate)
+      for (int64_t r = 0; r < m; ++r) std::fill(C + r * ldc, C + r * ldc + n, acc(0));
+    return;
   }
+  gemm::block_mm(m, n, k, A, lda, B, ldb, C, ldc, accumulate);
+}
 
-  void operator()(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const acc* A, int64_t lda,
-                  const acc* B, int64_t ldb, acc* C, int64_t ldc, bool accumulate) const {
-    if (m == 0 || n == 0) return;
-    at::Tensor c = view(C, m, n, ldc, false);
-    if (k == 0) {
-      if (!accumulate) c.zero_();
-      return;
-    }
-    at::Tensor a = view(A, m, k, lda, ta), b = view(B, k, n, ldb, tb);
-    gemm::block_mm_out(c, a, b, accumulate);
-  }
-};
+// dst (cols x rows, leading dim ldd) = src (rows x cols, leading dim lds)ᵀ, in 16 x 16 register
+// tiles on AVX-512 (at::vec::transpose_mxn).
+template <typename acc>
+inline void transpose(const acc* src, int64_t rows, int64_t cols, int64_t lds, acc* dst,
+                      int64_t ldd) {
+  constexpr int64_t kTile = 64;  // bounds the generic (scalar) version's cache footprint
+  for (int64_t r = 0; r < rows; r += kTile)
+    for (int64_t c = 0; c < cols; c += kTile)
+      at::vec::transpose_mxn<acc>(src + r * lds + c, lds, dst + c * ldd + r, ldd,
+                                  static_cast<int>(std::min(kTile, rows - r)),
+                                  static_cast<int>(std::min(kTile, cols - c)));
+}
+
+// The leading dim of a transposed (D x n) operand: n rounded up to 16 elements plus 16 more, so
+// that its D rows are not a multiple of 4 KiB apart (rows that are all fall into the same few L1
+// sets and evict each other while a product streams through them).
+inline int64_t padded_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
 // ---- dropout mask -------------------------------------------------------------------------------
 
@@ -123,6 +130,19 @@ inline Vectorized<acc> vexp(const Vectorized<acc>& x) {
   } else {
     return x.exp();
   }
+}
+
+// max(row[0:n]) (n > 0).
+template <typename acc>
+inline acc row_max(const acc* row, int64_t n) {
+  using Vec = Vectorized<acc>;
+  Vec vmax(-std::numeric_limits<acc>::infinity());
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
+  acc mx = at::vec::vec_reduce_all<acc>([](auto& a, auto& b) { return at::vec::maximum(a, b); },
+                                        vmax);
+  for (; j < n; ++j) mx = std::max(mx, row[j]);
+  return mx;
 }
 
 // row[0:n] *= scale; returns max(row[0:n]) (n > 0).
@@ -212,11 +232,32 @@ inline int64_t splits_for(int64_t tasks, int64_t key_blocks) {
 
 // One (batch·head, query block, split): accumulates the unnormalised output O (mq x D) and the
 // running (m, l) of rows q0 .. q0+mq over the key blocks kb ≡ split (mod splits).
+// Kᵀ for the forward's S = Q·Kᵀ, one thread's copy: panel kb holds keys [kb·bk, kb·bk + bk) of
+// one batch·head as a D x bk block (leading dim ld), transposed from K the first time a task of
+// that batch·head needs it. A thread's tasks come in runs of one batch·head, so it transposes
+// each key block about once per batch·head: O(Tk·D) work against the products' O(Tq·Tk·D).
+template <typename acc>
+struct KtPanels {
+  acc* data;
+  int64_t* owner;  // the batch·head each panel holds (-1: none yet)
+  int64_t D, bk, ld, Tk;
+
+  const acc* get(const acc* kp, int64_t bh, int64_t kb) {
+    acc* p = data + kb * D * ld;
+    if (owner[kb] != bh) {
+      const int64_t k0 = kb * bk, mk = std::min(bk, Tk - k0);
+      transpose(kp + (bh * Tk + k0) * D, mk, D, D, p, ld);
+      owner[kb] = bh;
+    }
+    return p;
+  }
+};
+
 template <typename acc>
 void forward_block(const Problem& pb, const acc* qp, const acc* kp, const acc* vp, acc scale,
                    const DropoutMask& drop, int64_t bh, int64_t q0, int64_t mq, int64_t split,
                    int64_t splits, int64_t bk, acc* O, acc* m, acc* l, acc* S,
-                   const BlockGemm<acc>& gemm) {
+                   KtPanels<acc>& kt) {
   const int64_t D = pb.D;
   const acc* Q = qp + (bh * pb.Tq + q0) * D;
   std::fill(O, O + mq * D, acc(0));
@@ -225,9 +266,8 @@ void forward_block(const Problem& pb, const acc* qp, const acc* kp, const acc* v
   const int64_t kend = pb.key_end(q0 + mq - 1);  // the last row sees the most keys
   for (int64_t k0 = split * bk; k0 < kend; k0 += splits * bk) {
     const int64_t mk = std::min(bk, kend - k0);
-    const acc* K = kp + (bh * pb.Tk + k0) * D;
     const acc* V = vp + (bh * pb.Tk + k0) * D;
-    gemm(false, true, mq, mk, D, Q, D, K, D, S, mk, false);  // S = Q·Kᵀ
+    mm(mq, mk, D, Q, D, kt.get(kp, bh, k0 / bk), kt.ld, S, mk, false);  // S = Q·Kᵀ
     for (int64_t r = 0; r < mq; ++r) {
       acc* row = S + r * mk;
       const int64_t n = std::clamp<int64_t>(pb.key_end(q0 + r) - k0, 0, mk);
@@ -235,9 +275,16 @@ void forward_block(const Problem& pb, const acc* qp, const acc* kp, const acc* v
         std::fill(row, row + mk, acc(0));
         continue;
       }
-      const acc mx = scale_and_max(row, n, scale);
-      const acc mnew = std::max(m[r], mx);
-      const acc sum = exp_sum(row, n, acc(1), mnew);
+      // The scores stay unscaled in S: max(s·scale) = scale·max(s) for scale > 0, and the exp
+      // applies the scale (one read-only pass for the max instead of a read-write one).
+      acc mnew, sum;
+      if (scale > acc(0)) {
+        mnew = std::max(m[r], scale * row_max(row, n));
+        sum = exp_sum(row, n, scale, mnew);
+      } else {
+        mnew = std::max(m[r], scale_and_max(row, n, scale));
+        sum = exp_sum(row, n, acc(1), mnew);
+      }
       std::fill(row + n, row + mk, acc(0));
       const acc alpha = std::exp(m[r] - mnew);  // 0 for the first block (m = -inf)
       l[r] = l[r] * alpha + sum;
@@ -249,7 +296,7 @@ void forward_block(const Problem& pb, const acc* qp, const acc* kp, const acc* v
           if (!drop.keep(base + j)) row[j] = acc(0);
       }
     }
-    gemm(false, false, mq, D, mk, S, mk, V, D, O, D, true);  // O += P·V
+    mm(mq, D, mk, S, mk, V, D, O, D, true);  // O += P·V
   }
 }
 
@@ -486,13 +533,16 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   // block products for what is a memory-bound pass over K and V.
   const int64_t bk = std::clamp<int64_t>(kBlockQ * kBlockK / std::min(kBlockQ, pb.Tq), kBlockK,
                                          4096);
-  const int64_t splits = splits_for(tasks, (pb.Tk + bk - 1) / bk);
-  const BlockGemm<acc> gemm;
+  const int64_t nkb = (pb.Tk + bk - 1) / bk;
+  const int64_t splits = splits_for(tasks, nkb);
 
-  // Per-thread scratch, allocated once: the score block and the row statistics (m, l).
+  // Per-thread scratch, allocated once: the score block, the row statistics (m, l) and the Kᵀ
+  // panels.
   const int64_t nth = at::get_num_threads();
-  const int64_t per_thread = kBlockQ * kBlockK + 2 * kBlockQ;
+  const int64_t ldkt = bk + 16;  // not a multiple of 4 KiB: see padded_ld
+  const int64_t per_thread = kBlockQ * kBlockK + 2 * kBlockQ + nkb * D * ldkt;
   at::Tensor scratch = at::empty({nth, per_thread}, q.options());
+  at::Tensor owners = at::full({nth, nkb}, -1, q.options().dtype(at::kLong));
   // Partial results of the K/V splits (only when splitting: few, short queries).
   at::Tensor part_o, part_ml;
   if (splits > 1) {
@@ -507,6 +557,8 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
     acc* S = scratch.data_ptr<acc>() + at::get_thread_num() * per_thread;
     acc* m = S + kBlockQ * kBlockK;
     acc* l = m + kBlockQ;
+    KtPanels<acc> kt{l + kBlockQ, owners.data_ptr<int64_t>() + at::get_thread_num() * nkb, D, bk,
+                     ldkt, pb.Tk};
     for (int64_t t = begin; t < end; ++t) {
       const int64_t split = t % splits, bq = t / splits;
       const int64_t bh = bq / nqb, r = bq % nqb;
@@ -515,14 +567,14 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t row0 = bh * pb.Tq + q0;
       if (splits == 1) {
         acc* O = op + row0 * D;  // accumulate in the output itself
-        forward_block(pb, qp, kp, vp, scale, drop, bh, q0, mq, 0, 1, bk, O, m, l, S, gemm);
+        forward_block(pb, qp, kp, vp, scale, drop, bh, q0, mq, 0, 1, bk, O, m, l, S, kt);
         for (int64_t i = 0; i < mq; ++i)
           finish_row(O + i * D, m[i], l[i], D, keep_scale, lp + row0 + i);
       } else {
         acc* O = part_o.data_ptr<acc>() + (split * pb.BH * pb.Tq + row0) * D;
         acc* pm = part_ml.data_ptr<acc>() + split * 2 * pb.BH * pb.Tq;
         forward_block(pb, qp, kp, vp, scale, drop, bh, q0, mq, split, splits, bk, O, m, l, S,
-                      gemm);
+                      kt);
         std::copy(m, m + mq, pm + row0);
         std::copy(l, l + mq, pm + pb.BH * pb.Tq + row0);
       }
@@ -534,6 +586,31 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
 }
 
 // ---- backward -----------------------------------------------------------------------------------
+//
+// Every block product is a plain A·B (gemm::block_mm takes no transposes): the task of a key block
+// computes the transposed blocks Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (rows: keys, columns: queries) from
+// Qᵀ and dOᵀ, which each thread transposes once per batch·head. Then dV += Pᵀ·dO and
+// dK += dSᵀ·Q read the blocks as they are, and dQ is accumulated transposed, dQᵀ += Kᵀ·dSᵀ, in a
+// D x Tq buffer that is transposed into dq at the end.
+
+// P = exp(S·scale - lse) and dS = P∘(dP - Δ) on one row of Sᵀ / dPᵀ (one key, queries 0..n),
+// in place; lse and Δ per query. No dropout.
+template <typename acc>
+inline void softmax_grad_row(acc* prow, acc* drow, const acc* lse, const acc* delta, int64_t n,
+                             acc scale) {
+  using Vec = Vectorized<acc>;
+  const Vec vs(scale);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec p = vexp(at::vec::fmsub(Vec::loadu(prow + i), vs, Vec::loadu(lse + i)));
+    p.store(prow + i);
+    (p * (Vec::loadu(drow + i) - Vec::loadu(delta + i))).store(drow + i);
+  }
+  for (; i < n; ++i) {
+    prow[i] = std::exp(prow[i] * scale - lse[i]);
+    drow[i] = prow[i] * (drow[i] - delta[i]);
+  }
+}
 
 template <typename acc>
 void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -542,43 +619,67 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
                           at::Tensor& dk, at::Tensor& dv) {
   const Problem pb{q.size(0) * q.size(1), q.size(2), k.size(2), q.size(3), causal,
                    k.size(2) - q.size(2)};
-  const int64_t D = pb.D, rows = pb.BH * pb.Tq, nkb = (pb.Tk + kBwdK - 1) / kBwdK;
+  const int64_t D = pb.D, Tq = pb.Tq, rows = pb.BH * Tq, nkb = (pb.Tk + kBwdK - 1) / kBwdK;
   const acc scale = static_cast<acc>(scale_d), keep_scale = static_cast<acc>(drop.keep_scale);
   const acc* dop = dout.const_data_ptr<acc>();
   const acc* qp = q.const_data_ptr<acc>();
   const acc* kp = k.const_data_ptr<acc>();
   const acc* vp = v.const_data_ptr<acc>();
   const acc* lp = lse.const_data_ptr<acc>();
-  const BlockGemm<acc> gemm;
+  constexpr acc kInf = std::numeric_limits<acc>::infinity();
 
-  // Δ_i = rowsum(dO ∘ O) = Σ_j P_ij·dP_ij (dropout included: O already carries the mask).
-  at::Tensor delta = at::empty({rows}, q.options());
+  // Δ_i = rowsum(dO ∘ O) = Σ_j P_ij·dP_ij (dropout included: O already carries the mask), and
+  // the lse with -inf (a query that saw no key) replaced by +inf, so that its P = exp(s - lse)
+  // comes out 0 instead of exp(+inf).
+  at::Tensor delta = at::empty({rows}, q.options()), lse_safe = at::empty({rows}, q.options());
   {
     const acc* outp = out.const_data_ptr<acc>();
     acc* dp = delta.data_ptr<acc>();
+    acc* ls = lse_safe.data_ptr<acc>();
     at::parallel_for(0, rows, row_grain(2 * D), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row)
+      for (int64_t row = begin; row < end; ++row) {
         dp[row] = dot(dop + row * D, outp + row * D, D);
+        ls[row] = lp[row] == -kInf ? kInf : lp[row];
+      }
     });
   }
   const acc* deltap = delta.const_data_ptr<acc>();
+  const acc* lsp = lse_safe.const_data_ptr<acc>();
 
   const int64_t splits = splits_for(pb.BH, nkb);
-  // dQ accumulators: dq itself when each batch·head has one task, else one partial per split.
-  at::Tensor dq_acc = splits == 1 ? dq.zero_() : at::zeros({splits, rows, D}, q.options());
+  const int64_t ldq = padded_ld(Tq), ldk = padded_ld(kBwdK);
+  // Per thread: Qᵀ and dOᵀ of its current batch·head (D x ldq each), dQᵀ (D x ldq; with splits,
+  // per-split partials live in part_dq instead), Kᵀ of the key block (D x ldk), and the Sᵀ/Pᵀ and
+  // dPᵀ/dSᵀ blocks (kBwdK x kBwdQ each).
   const int64_t nth = at::get_num_threads();
-  const int64_t per_thread = 2 * kBwdQ * kBwdK;
+  const int64_t per_thread = 3 * D * ldq + D * ldk + 2 * kBwdK * kBwdQ;
   at::Tensor scratch = at::empty({nth, per_thread}, q.options());
-  acc* dqp = dq_acc.data_ptr<acc>();
+  at::Tensor part_dq = splits == 1 ? at::Tensor() : at::zeros({splits, pb.BH, D, ldq}, q.options());
   acc* dkp = dk.data_ptr<acc>();
   acc* dvp = dv.data_ptr<acc>();
+  acc* dqp = dq.data_ptr<acc>();
 
   at::parallel_for(0, pb.BH * splits, 1, [&](int64_t begin, int64_t end) {
-    acc* P = scratch.data_ptr<acc>() + at::get_thread_num() * per_thread;
-    acc* dS = P + kBwdQ * kBwdK;
+    acc* Qt = scratch.data_ptr<acc>() + at::get_thread_num() * per_thread;
+    acc* dOt = Qt + D * ldq;
+    acc* dQt_own = dOt + D * ldq;
+    acc* Kt = dQt_own + D * ldq;
+    acc* Pt = Kt + D * ldk;
+    acc* dSt = Pt + kBwdK * kBwdQ;
+    int64_t held = -1;  // the batch·head whose Qᵀ, dOᵀ are in Qt, dOt
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / splits, split = t % splits;
-      acc* dQ = dqp + (split * rows + bh * pb.Tq) * D;
+      const acc* Q = qp + bh * Tq * D;
+      const acc* dO = dop + bh * Tq * D;
+      if (held != bh) {
+        transpose(Q, Tq, D, D, Qt, ldq);
+        transpose(dO, Tq, D, D, dOt, ldq);
+        held = bh;
+      }
+      acc* dQt = splits == 1 ? dQt_own : part_dq.data_ptr<acc>() + (split * pb.BH + bh) * D * ldq;
+      if (splits == 1) std::fill(dQt, dQt + D * ldq, acc(0));
+      const acc* lse_bh = lsp + bh * Tq;
+      const acc* delta_bh = deltap + bh * Tq;
       // Key blocks split, split + splits, ...: interleaved, so that with causal masking (early
       // key blocks are seen by more queries) the splits carry similar work.
       for (int64_t kb = split; kb < nkb; kb += splits) {
@@ -589,66 +690,62 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
         acc* dV = dvp + (bh * pb.Tk + k0) * D;
         std::fill(dK, dK + mk * D, acc(0));
         std::fill(dV, dV + mk * D, acc(0));
+        transpose(K, mk, D, D, Kt, ldk);
         // The first query that sees key k0 (all of them without causal masking).
-        const int64_t qstart = causal ? std::clamp<int64_t>(k0 - pb.off, 0, pb.Tq) : 0;
-        for (int64_t q0 = qstart; q0 < pb.Tq; q0 += kBwdQ) {
-          const int64_t mq = std::min(kBwdQ, pb.Tq - q0), row0 = bh * pb.Tq + q0;
-          const acc* Q = qp + row0 * D;
-          const acc* dO = dop + row0 * D;
-          gemm(false, true, mq, mk, D, Q, D, K, D, P, mk, false);    // S = Q·Kᵀ
-          gemm(false, true, mq, mk, D, dO, D, V, D, dS, mk, false);  // dP = dO·Vᵀ
-          for (int64_t r = 0; r < mq; ++r) {
-            acc* prow = P + r * mk;
-            acc* drow = dS + r * mk;
-            const int64_t n = std::clamp<int64_t>(pb.key_end(q0 + r) - k0, 0, mk);
-            const acc lse_r = lp[row0 + r];
-            if (n == 0 || lse_r == -std::numeric_limits<acc>::infinity()) {
-              std::fill(prow, prow + mk, acc(0));
-              std::fill(drow, drow + mk, acc(0));
+        const int64_t qstart = causal ? std::clamp<int64_t>(k0 - pb.off, 0, Tq) : 0;
+        for (int64_t q0 = qstart; q0 < Tq; q0 += kBwdQ) {
+          const int64_t mq = std::min(kBwdQ, Tq - q0);
+          mm(mk, mq, D, K, D, Qt + q0, ldq, Pt, kBwdQ, false);    // Sᵀ = K·Qᵀ
+          mm(mk, mq, D, V, D, dOt + q0, ldq, dSt, kBwdQ, false);  // dPᵀ = V·dOᵀ
+          for (int64_t j = 0; j < mk; ++j) {
+            acc* prow = Pt + j * kBwdQ;
+            acc* drow = dSt + j * kBwdQ;
+            // Key k0 + j is visible to queries q0 + i with i >= c0 (all of them if not causal).
+            const int64_t c0 = causal ? std::clamp<int64_t>(k0 + j - pb.off - q0, 0, mq) : 0;
+            std::fill(prow, prow + c0, acc(0));
+            std::fill(drow, drow + c0, acc(0));
+            if (!drop.on) {
+              softmax_grad_row(prow + c0, drow + c0, lse_bh + q0 + c0, delta_bh + q0 + c0,
+                               mq - c0, scale);
               continue;
             }
-            exp_sum(prow, n, scale, lse_r);  // P = exp(S·scale - lse), recomputed
-            std::fill(prow + n, prow + mk, acc(0));
-            const acc dl = deltap[row0 + r];
-            if (drop.on) {
-              // dS = P∘(dP∘Z - Δ) and P∘Z for dV, Z = keep/(1-p): the forward's mask again.
-              const uint64_t base = static_cast<uint64_t>((row0 + r) * pb.Tk + k0);
-              for (int64_t j = 0; j < n; ++j) {
-                const acc z = drop.keep(base + j) ? keep_scale : acc(0);
-                drow[j] = prow[j] * (drow[j] * z - dl);
-                prow[j] *= z;
-              }
-            } else {
-              using Vec = Vectorized<acc>;
-              int64_t j = 0;
-              for (; j + Vec::size() <= n; j += Vec::size())
-                (Vec::loadu(prow + j) * (Vec::loadu(drow + j) - Vec(dl))).store(drow + j);
-              for (; j < n; ++j) drow[j] = prow[j] * (drow[j] - dl);
+            // dS = P∘(dP∘Z - Δ) and P∘Z for dV, Z = keep/(1-p): the forward's mask again.
+            for (int64_t i = c0; i < mq; ++i) {
+              const int64_t qi = q0 + i;
+              const acc p = std::exp(prow[i] * scale - lse_bh[qi]);
+              const uint64_t counter = static_cast<uint64_t>((bh * Tq + qi) * pb.Tk + k0 + j);
+              const acc z = drop.keep(counter) ? keep_scale : acc(0);
+              drow[i] = p * (drow[i] * z - delta_bh[qi]);
+              prow[i] = p * z;
             }
-            std::fill(drow + n, drow + mk, acc(0));
           }
-          gemm(true, false, mk, D, mq, P, mk, dO, D, dV, D, true);   // dV += (P∘Z)ᵀ·dO
-          gemm(true, false, mk, D, mq, dS, mk, Q, D, dK, D, true);   // dK += dSᵀ·Q
-          gemm(false, false, mq, D, mk, dS, mk, K, D, dQ + (q0 * D), D, true);  // dQ += dS·K
+          const int64_t row0 = bh * Tq + q0;
+          mm(mk, D, mq, Pt, kBwdQ, dop + row0 * D, D, dV, D, true);  // dV += (P∘Z)ᵀ·dO
+          mm(mk, D, mq, dSt, kBwdQ, qp + row0 * D, D, dK, D, true);  // dK += dSᵀ·Q
+          mm(D, mq, mk, Kt, ldk, dSt, kBwdQ, dQt + q0, ldq, true);   // dQᵀ += Kᵀ·dSᵀ
         }
         scale_row(dK, mk * D, scale);
       }
+      if (splits == 1) {
+        acc* dQ = dqp + bh * Tq * D;
+        transpose(dQt, D, Tq, ldq, dQ, D);
+        scale_row(dQ, Tq * D, scale);
+      }
     }
   });
+  if (splits == 1) return;
 
-  // dQ = scale · Σ_splits partial (in split order).
-  at::parallel_for(0, rows, row_grain(splits * D), [&](int64_t begin, int64_t end) {
-    acc* out_dq = dq.data_ptr<acc>();
-    for (int64_t row = begin; row < end; ++row) {
-      acc* o = out_dq + row * D;
-      if (splits > 1) {
-        std::copy(dqp + row * D, dqp + row * D + D, o);
-        for (int64_t s = 1; s < splits; ++s) {
-          const acc* ps = dqp + (s * rows + row) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += ps[d];
-        }
+  // dQ = scale · (Σ_splits partial dQᵀ)ᵀ, summed in split order into the first partial.
+  at::parallel_for(0, pb.BH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      acc* sum = part_dq.data_ptr<acc>() + bh * D * ldq;
+      for (int64_t s = 1; s < splits; ++s) {
+        const acc* ps = part_dq.const_data_ptr<acc>() + (s * pb.BH + bh) * D * ldq;
+        for (int64_t x = 0; x < D * ldq; ++x) sum[x] += ps[x];
       }
-      scale_row(o, D, scale);
+      acc* dQ = dqp + bh * Tq * D;
+      transpose(sum, D, Tq, ldq, dQ, D);
+      scale_row(dQ, Tq * D, scale);
     }
   });
 }

@@ -26,7 +26,9 @@
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <cpuinfo.h>  // torch's copy, exported by libc10
 
@@ -35,6 +37,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 namespace at::native {
 // aten/src/ATen/native/mkldnn/Matmul.h: result = alpha * mat1 @ mat2 + beta * result.
@@ -93,9 +96,9 @@ inline bool use_onednn(at::ScalarType dtype, int64_t m, int64_t n, int64_t k) {
 }
 
 // out (m x n) = [out +] a (m x k) · b (k x n). `out` must be row-major with unit column stride
-// for oneDNN (a contiguous tensor or a block of whole rows of one; other outputs go to MKL); a and b
-// any 2-D CPU tensors of out's dtype. Operands that are row-major or the transpose of a contiguous
-// tensor are read in place by both libraries; others are copied first.
+// for oneDNN (a contiguous tensor or a block of whole rows of one; other outputs go to MKL); a
+// and b any 2-D CPU tensors of out's dtype. Operands that are row-major or the transpose of a
+// contiguous tensor are read in place by both libraries; others are copied first.
 inline void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   if (use_onednn(out.scalar_type(), m, n, k) && out.is_contiguous()) {
@@ -111,17 +114,55 @@ inline void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
   }
 }
 
-// The same product, always on MKL: for kernels that issue thousands of small products per call
-// (attention's 64-256 row blocks). oneDNN's matmul creates (or looks up) a primitive and wraps the
-// memory on every call, ~15-20 us; measured on the 2-core Intel (AVX-512) machine, one thread, a
-// 128 x 256 x 64 block took 41 us through oneDNN against 24 us through MKL, and causal attention
-// at B=2, H=12, T=1024, D=64 went from 19.5 to 13.5 ms forward when its blocks left oneDNN.
-inline void block_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                         bool accumulate) {
+// Row-major block products on raw memory, C (m x n) = [C +] A (m x k) · B (k x n), for kernels
+// that issue thousands of small products per call (attention's 64-256 row blocks). Operands are
+// never transposed: callers lay out what needs it once (attention keeps Kᵀ, Qᵀ and dOᵀ panels).
+//
+// fp32: ATen's batch-reduce GEMM (at::native::cpublas::brgemm, oneDNN's brgemm ukernel: JIT code
+// for the running CPU's widest vectors, generated once per shape and cached per thread; MKL's
+// sgemm where the ukernel is not built in). Measured on the 2-core Zen 5 (AVX-512) machine, one
+// thread, blocks of 64-256 x 64-256 x 64-256: brgemm 110-230 GFLOP/s, MKL's sgemm 47-97 (MKL runs
+// its AVX2 kernels on AMD CPUs), oneDNN's matmul 34-100 (it creates or looks up a primitive and
+// wraps the memory on every call, ~15-20 us). On the 2-core Intel (AVX-512) machine brgemm and
+// MKL ran alike (25 and 24 us for 128 x 256 x 64), oneDNN's matmul at 41 us.
+// fp64 (gradcheck): MKL's dgemm_, the BLAS ATen's own double products end in (exported by
+// torch's CPU wheels; declared weakly, at::cpu::mm_out on views where it is missing).
+}  // namespace fastgpt::gemm
+
+extern "C" {
+__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const double* alpha,
+                                  const double* a, const int* lda, const double* b,
+                                  const int* ldb, const double* beta, double* c, const int* ldc);
+}
+
+namespace fastgpt::gemm {
+
+// m, n, k > 0; lda >= k, ldb >= n, ldc >= n.
+inline void block_mm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
+                     int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+}
+
+inline void block_mm(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,
+                     const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (&dgemm_ != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= kMax) {
+    // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ, and row-major memory read as column-major
+    // is the transpose: so B goes first, untransposed, then A.
+    const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
+    const double one = 1, beta = accumulate ? 1 : 0;
+    dgemm_("N", "N", &ni, &mi, &ki, &one, B, &ldbi, A, &ldai, &beta, C, &ldci);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  const at::Tensor a = at::from_blob(const_cast<double*>(A), {m, k}, {lda, 1}, opts);
+  const at::Tensor b = at::from_blob(const_cast<double*>(B), {k, n}, {ldb, 1}, opts);
   if (accumulate) {
-    at::cpu::addmm_out(out, out, a, b);
+    at::cpu::addmm_out(c, c, a, b);
   } else {
-    at::cpu::mm_out(out, a, b);
+    at::cpu::mm_out(c, a, b);
   }
 }
 

@@ -38,6 +38,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <utility>
 
 namespace fastgpt {
 namespace {
@@ -187,6 +188,20 @@ inline acc exp_sum(acc* row, int64_t n, acc mul, acc sub) {
   return sum;
 }
 
+// One online-softmax step on a row of raw scores s[0:n] (n > 0): mnew = max(m_old, max(s·scale)),
+// row[j] = exp(s_j·scale - mnew) in place; returns (mnew, Σ_j row[j]). For scale > 0 the scores
+// are not scaled in place: max(s·scale) = scale·max(s) and the exp applies the scale, so the max
+// pass only reads the row.
+template <typename acc>
+inline std::pair<acc, acc> online_exp_row(acc* row, int64_t n, acc scale, acc m_old) {
+  if (scale > acc(0)) {
+    const acc mnew = std::max(m_old, scale * row_max(row, n));
+    return {mnew, exp_sum(row, n, scale, mnew)};
+  }
+  const acc mnew = std::max(m_old, scale_and_max(row, n, scale));
+  return {mnew, exp_sum(row, n, acc(1), mnew)};
+}
+
 template <typename acc>
 inline void scale_row(acc* row, int64_t n, acc s) {
   using Vec = Vectorized<acc>;
@@ -231,8 +246,6 @@ inline int64_t splits_for(int64_t tasks, int64_t key_blocks) {
 
 // ---- forward ------------------------------------------------------------------------------------
 
-// One (batch·head, query block, split): accumulates the unnormalised output O (mq x D) and the
-// running (m, l) of rows q0 .. q0+mq over the key blocks kb ≡ split (mod splits).
 // Kᵀ for the forward's S = Q·Kᵀ, one thread's copy: panel kb holds keys [kb·bk, kb·bk + bk) of
 // one batch·head as a D x bk block (leading dim ld), transposed from K the first time a task of
 // that batch·head needs it. A thread's tasks come in runs of one batch·head, so it transposes
@@ -254,6 +267,8 @@ struct KtPanels {
   }
 };
 
+// One (batch·head, query block, split): accumulates the unnormalised output O (mq x D) and the
+// running (m, l) of rows q0 .. q0+mq over the key blocks kb ≡ split (mod splits).
 template <typename acc>
 void forward_block(const Problem& pb, const acc* qp, const acc* kp, const acc* vp, acc scale,
                    const DropoutMask& drop, int64_t bh, int64_t q0, int64_t mq, int64_t split,
@@ -276,16 +291,7 @@ void forward_block(const Problem& pb, const acc* qp, const acc* kp, const acc* v
         std::fill(row, row + mk, acc(0));
         continue;
       }
-      // The scores stay unscaled in S: max(s·scale) = scale·max(s) for scale > 0, and the exp
-      // applies the scale (one read-only pass for the max instead of a read-write one).
-      acc mnew, sum;
-      if (scale > acc(0)) {
-        mnew = std::max(m[r], scale * row_max(row, n));
-        sum = exp_sum(row, n, scale, mnew);
-      } else {
-        mnew = std::max(m[r], scale_and_max(row, n, scale));
-        sum = exp_sum(row, n, acc(1), mnew);
-      }
+      const auto [mnew, sum] = online_exp_row(row, n, scale, m[r]);
       std::fill(row + n, row + mk, acc(0));
       const acc alpha = std::exp(m[r] - mnew);  // 0 for the first block (m = -inf)
       l[r] = l[r] * alpha + sum;
@@ -430,9 +436,7 @@ void decode_range(const acc* q, const acc* K, const acc* V, int64_t D, acc scale
       S[j + 3] = s3;
     }
     for (; j < n; ++j) S[j] = dot(q, K + (c0 + j) * D, D);
-    const acc mx = scale_and_max(S, n, scale);
-    const acc mnew = std::max(m, mx);
-    const acc sum = exp_sum(S, n, acc(1), mnew);
+    const auto [mnew, sum] = online_exp_row(S, n, scale, m);
     const acc alpha = std::exp(m - mnew);  // 0 for the first chunk (m = -inf)
     l = l * alpha + sum;
     m = mnew;

@@ -29,7 +29,7 @@
 // float64 (gradcheck) computes in double.
 #include "common.h"
 #include "gemm.h"
-#include "huge_pages.h"
+#include "output_memory.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>

@@ -10,7 +10,7 @@
 #pragma once
 
 #include "common.h"
-#include "huge_pages.h"
+#include "output_memory.h"
 
 #include <ATen/ops/empty.h>
 
@@ -170,8 +170,8 @@ inline void zero_row(scalar_t* grad, int64_t V) {
 
 // A fresh (rows, V) gradient buffer. The first write to a new page of a large allocation faults
 // in the kernel, and at GPT-2's 4096 x 50257 fp32 (823 MB, 200K small pages) that costs more than
-// the arithmetic: large buffers are advised as transparent huge pages (huge_pages.h, 512x fewer
-// faults). ATen's allocator still owns the memory, so the gradient is an ordinary tensor.
+// the arithmetic: large buffers are advised as transparent huge pages (output_memory.h, 512x fewer
+// faults) and, once freed, kept for the next gradient of that size. Still an ordinary tensor.
 inline at::Tensor empty_grad_buffer(int64_t rows, int64_t V, const at::TensorOptions& opts) {
   return empty_output({rows, V}, opts);
 }

@@ -35,7 +35,7 @@
 #include "chunk.h"
 #include "common.h"
 #include "gelu_tables.h"
-#include "huge_pages.h"
+#include "output_memory.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>

@@ -15,13 +15,13 @@
 // bounded the bf16 kernels and the in-cache fp32 ones.
 //
 // Large shapes (GPT-2 training: 8192 x 768-1600) are memory- and page-fault-bound instead. Their
-// outputs are advised for huge pages before the first store (huge_pages.h) and, past 8 MiB,
+// outputs are advised for huge pages before the first store (output_memory.h) and, past 8 MiB,
 // written with non-temporal stores (stream_output), so each output byte crosses the memory bus
 // once. fwd+bwd then moves 5 row-sets (LN) and 8 (add_LN) against eager's 7 and 14 (counting its
 // write-allocates); those ratios, 1.4x and 1.75x, bound the speed-up where neither side faults.
 #include "chunk.h"
 #include "common.h"
-#include "huge_pages.h"
+#include "output_memory.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>

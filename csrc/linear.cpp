@@ -8,7 +8,7 @@
 // three gradients from this one op.
 #include "common.h"
 #include "gemm.h"
-#include "huge_pages.h"
+#include "output_memory.h"
 
 namespace fastgpt {
 namespace {

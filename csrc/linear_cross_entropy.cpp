@@ -13,7 +13,7 @@
 // Peak memory beyond inputs and gradients: the chunk buffer.
 #include "cross_entropy.h"
 #include "gemm.h"
-#include "huge_pages.h"
+#include "output_memory.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>

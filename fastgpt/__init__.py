@@ -23,6 +23,21 @@ from fastgpt.patch import patch  # noqa: E402  (the function; the module stays i
 
 _cpu.try_load()  # register the C++ CPU kernels now that their schemas exist
 
+
+def empty_cache() -> None:
+    """Hand back the memory fastgpt's CPU kernels keep for reuse: the idle blocks of their
+    output cache (csrc/output_memory.h; FASTGPT_OUTPUT_CACHE_MB caps it, 0 turns it off).
+    Like ``torch.cuda.empty_cache``: tensors in use are untouched, and only a process that
+    wants the memory back for something other than fastgpt outputs needs to call it."""
+    _cpu.empty_output_cache()
+
+
+def output_cache_info() -> dict[str, int]:
+    """What the CPU output cache holds and has done: ``idle_bytes``/``idle_blocks`` kept for
+    reuse, ``hits``/``misses`` of outputs of >= 4 MiB, and ``cap_bytes``."""
+    return _cpu.output_cache_stats()
+
+
 __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
@@ -34,4 +49,6 @@ __all__ = [
     "reference",
     "use_backend",
     "__version__",
+    "empty_cache",
+    "output_cache_info",
 ]

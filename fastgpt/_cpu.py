@@ -80,6 +80,7 @@ def _lib(isa: str) -> ctypes.CDLL:
         lib.fastgpt_unregister_cpu_kernels.argtypes = [ctypes.c_void_p]
         lib.fastgpt_cpu_isa.restype = ctypes.c_char_p
         lib.fastgpt_set_gemm_choice.argtypes = [ctypes.c_int]
+        lib.fastgpt_output_cache_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
         _libs[isa] = lib
     return _libs[isa]
 
@@ -136,6 +137,37 @@ def use_isa(isa: str) -> Iterator[None]:
     finally:
         if previous:
             load(previous)
+
+
+def empty_output_cache() -> None:
+    """Free every idle block of the kernels' output cache (csrc/output_memory.h), in every
+    build loaded so far (each has its own cache)."""
+    for lib in _libs.values():
+        lib.fastgpt_output_cache_release()
+
+
+def fill_idle_output_cache(byte: int) -> None:
+    """For tests: overwrite every idle block of the output caches with ``byte`` (0xFF reads as
+    NaN in every float dtype), so a kernel that leaves part of a reused output unwritten shows
+    it instead of an earlier call's values."""
+    for lib in _libs.values():
+        lib.fastgpt_output_cache_fill_idle(byte)
+
+
+def output_cache_stats() -> dict[str, int]:
+    """The output caches' totals over the loaded builds: idle bytes and blocks (kept for reuse,
+    resident, not in use by any tensor), hits and misses of large allocations, and the cap."""
+    total = dict.fromkeys(("idle_bytes", "idle_blocks", "hits", "misses", "cap_bytes"), 0)
+    for lib in _libs.values():
+        out = (ctypes.c_uint64 * 5)()
+        if lib.fastgpt_output_cache_stats(out) != 0:
+            raise RuntimeError(
+                "FASTGPT_OUTPUT_CACHE_MB must be a whole number of MiB >= 0, got "
+                f"{os.environ.get('FASTGPT_OUTPUT_CACHE_MB')!r}"
+            )
+        for key, value in zip(total, out):
+            total[key] = value if key == "cap_bytes" else total[key] + value
+    return total
 
 
 def gemm_library() -> str:

@@ -382,7 +382,7 @@ def test_triton_backend_requires_interpreter_on_cpu():
 
 
 def test_huge_page_outputs_match_plain_pages():
-    # Outputs of >= 4 MiB are advised for transparent huge pages (csrc/huge_pages.h); the values
+    # Outputs of >= 4 MiB are advised for transparent huge pages (csrc/output_memory.h); the values
     # must not depend on it. FASTGPT_HUGE_PAGES=0 in a fresh process turns the advice off.
     code = (
         "import torch, fastgpt.functional as F\n"

@@ -5,8 +5,8 @@ A case is one (op, shape, dtype, mode) with one callable per contender:
   eager    - the same computation in plain torch (torch.nn.functional, eager)
   compile  - the eager function under torch.compile
   naive    - attention only: the masked-softmax module people write by hand
-  floor    - LayerNorm and GELU only: not the op but the least memory traffic any implementation
-             of it has (see _MemoryFloor), to show how far from that bound each contender is
+  floor    - LayerNorm and GELU only: not the op but its least memory traffic done the plain way
+             (see _MemoryFloor), to show how far from that bound each contender is
   torch, torch_chunked - linear_cross_entropy only: torch's own F.linear_cross_entropy, its
              default (unchunked) and chunked paths
 Modes: "fwd" (under no_grad) and "fwd+bwd" (forward, then torch.autograd.grad of every input).
@@ -19,10 +19,7 @@ in ``Built.skip`` with the reason, which the suites and ``fastgpt bench`` print.
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +27,7 @@ import torch
 import torch.nn.functional as TF
 
 import fastgpt.functional as F
+from fastgpt.ops.output_memory import empty_output_like
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -155,37 +153,21 @@ def _targets(n, v, device, seed=5):
 # ---- the memory floor of a row-wise / elementwise op -----------------------------------------
 
 
-_HUGE = 2 << 20
-
-
 def _fresh_like(t: torch.Tensor) -> torch.Tensor:
-    """torch.empty_like, with the large-output policy of fastgpt's C++ kernels (csrc/
-    huge_pages.h): the 2 MiB-aligned interior of a CPU block of >= 4 MiB advised for transparent
-    huge pages before its first write, unless FASTGPT_HUGE_PAGES=0."""
-    out = torch.empty_like(t)
-    if out.device.type == "cpu" and out.nbytes >= 2 * _HUGE and _huge_pages_on():
-        begin = out.data_ptr()
-        lo, hi = -(-begin // _HUGE) * _HUGE, (begin + out.nbytes) // _HUGE * _HUGE
-        if hi > lo:
-            _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 14)  # MADV_HUGEPAGE
-    return out
-
-
-@functools.cache
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _huge_pages_on() -> bool:
-    return sys.platform == "linux" and os.environ.get("FASTGPT_HUGE_PAGES", "1") != "0"
+    """An uninitialised tensor like ``t``, allocated as fastgpt's kernels allocate their outputs
+    (csrc/output_memory.h: on CPU, blocks of >= 4 MiB from the cache of huge-page blocks)."""
+    return empty_output_like(t)
 
 
 class _MemoryFloor(torch.autograd.Function):
-    """What no LayerNorm or GELU can beat: the forward reads x once into a fresh output (a
-    copy), the backward reads dy and x once into a fresh dx (dy + x). Fresh outputs allocated as
-    fastgpt's kernels allocate theirs (_fresh_like), so their first-touch page faults count too;
-    no arithmetic to speak of. The vectors (weight, bias) get zero gradients: a reduction in the
-    same pass costs no traffic."""
+    """The least memory traffic of a LayerNorm or GELU, done the plain way: the forward reads x
+    once into a fresh output (a copy), the backward reads dy and x once into a fresh dx
+    (dy + x), with no arithmetic to speak of. Outputs are allocated as fastgpt's kernels
+    allocate theirs (_fresh_like), so the comparison is of the passes, not the allocator. The
+    stores are torch's ordinary ones, which read each output line before writing it; fastgpt's
+    kernels stream their large outputs past the cache instead, so they can come in under it.
+    The vectors (weight, bias) get zero gradients: a reduction in the same pass costs no
+    traffic."""
 
     @staticmethod
     def forward(ctx, x, *vectors):

@@ -7,6 +7,8 @@ allocations from it, and both are handled:
 
 * glibc keeps freed memory for reuse, so a call could reuse pages freed by an earlier one and
   show no growth: ``malloc_trim(0)`` hands every free page back to the OS before the call.
+  fastgpt's own cache of large output blocks (csrc/output_memory.h) is emptied first, for
+  the same reason.
 * ``ru_maxrss`` is inherited across fork/exec, so it is never used.
 
 ``peak_bytes(fn)`` is then the call's peak resident memory above what was resident before it:
@@ -19,8 +21,9 @@ glibc's default behaviour (freed memory reused), as users run, and peaks are tak
 On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
 
 ``LivePeak`` is the second figure the GPT benchmark reports: the most bytes the program held
-allocated at once (glibc's ``mallinfo2``, sampled by a thread), without the freed-but-resident
-pages of a fragmented heap that the resident figure also counts.
+allocated at once (glibc's ``mallinfo2``, sampled by a thread, less the idle blocks of
+fastgpt's output cache), without the freed-but-resident pages of a fragmented heap that the
+resident figure also counts.
 """
 
 from __future__ import annotations
@@ -37,9 +40,20 @@ import torch
 
 
 def _trim_malloc() -> None:
-    """Return glibc's free pages to the OS so that later allocations must fault pages in."""
+    """Return free memory to the OS so that later allocations must fault pages in: fastgpt's
+    output cache first (its idle blocks are glibc allocations), then glibc's free pages."""
+    from fastgpt import _cpu
+
+    _cpu.empty_output_cache()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _cached_idle_bytes() -> int:
+    """Bytes fastgpt's output cache holds for reuse: allocated from glibc, used by no tensor."""
+    from fastgpt import _cpu
+
+    return _cpu.output_cache_stats()["idle_bytes"]
 
 
 def _status_kib(field: str) -> int:
@@ -104,7 +118,7 @@ def _malloc_in_use() -> Callable[[], int] | None:
 
     def in_use() -> int:
         info = mallinfo2()
-        return info.uordblks + info.hblkhd
+        return info.uordblks + info.hblkhd - _cached_idle_bytes()
 
     return in_use
 
@@ -188,7 +202,12 @@ def time_call(fn: Callable[[], object], device: str = "cpu", repeat: int = 5, wa
 
 def allocator_settings() -> str:
     """The allocator settings of a run, for the report: torch's (every torch allocation) and
-    fastgpt's huge-page advice for its kernels' large CPU outputs (see csrc/huge_pages.h)."""
+    fastgpt's for its kernels' large CPU outputs: huge pages and the output cache's cap (see
+    csrc/output_memory.h)."""
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     huge = "0" if os.environ.get("FASTGPT_HUGE_PAGES", "1") == "0" else "1"
-    return f"THP_MEM_ALLOC_ENABLE={thp}, FASTGPT_HUGE_PAGES={huge}, glibc malloc defaults"
+    cache = os.environ.get("FASTGPT_OUTPUT_CACHE_MB") or "1024"
+    return (
+        f"THP_MEM_ALLOC_ENABLE={thp}, FASTGPT_HUGE_PAGES={huge}, "
+        f"FASTGPT_OUTPUT_CACHE_MB={cache}, glibc malloc defaults"
+    )

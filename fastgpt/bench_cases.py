@@ -153,17 +153,11 @@ def _targets(n, v, device, seed=5):
 # ---- the memory floor of a row-wise / elementwise op -----------------------------------------
 
 
-def _fresh_like(t: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor like ``t``, allocated as fastgpt's kernels allocate their outputs
-    (csrc/output_memory.h: on CPU, blocks of >= 4 MiB from the cache of huge-page blocks)."""
-    return empty_output_like(t)
-
-
 class _MemoryFloor(torch.autograd.Function):
     """The least memory traffic of a LayerNorm or GELU, done the plain way: the forward reads x
     once into a fresh output (a copy), the backward reads dy and x once into a fresh dx
     (dy + x), with no arithmetic to speak of. Outputs are allocated as fastgpt's kernels
-    allocate theirs (_fresh_like), so the comparison is of the passes, not the allocator. The
+    allocate theirs (empty_output_like), so the comparison is of the passes, not the allocator. The
     stores are torch's ordinary ones, which read each output line before writing it; fastgpt's
     kernels stream their large outputs past the cache instead, so they can come in under it.
     The vectors (weight, bias) get zero gradients: a reduction in the same pass costs no
@@ -172,12 +166,12 @@ class _MemoryFloor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *vectors):
         ctx.save_for_backward(x, *vectors)
-        return _fresh_like(x).copy_(x)
+        return empty_output_like(x).copy_(x)
 
     @staticmethod
     def backward(ctx, dy):
         x, *vectors = ctx.saved_tensors
-        return torch.add(dy, x, out=_fresh_like(x)), *(torch.zeros_like(v) for v in vectors)
+        return torch.add(dy, x, out=empty_output_like(x)), *(torch.zeros_like(v) for v in vectors)
 
 
 def memory_floor(x, *vectors):

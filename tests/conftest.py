@@ -13,6 +13,7 @@ if os.environ.get("FASTGPT_TEST_GPU") != "1":
 
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
@@ -106,6 +107,20 @@ def saved_bytes_beyond(fn, keep):
         out = fn()
     skip = {t.untyped_storage().data_ptr() for t in keep}
     return sum(n for ptr, n in saved.items() if ptr not in skip), out
+
+
+def run_python(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter with ``env`` added to this one's environment (for
+    settings read once per process); assert it exits 0 and return its stripped stdout."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
 
 
 def cpp_input_checks(bad_calls):

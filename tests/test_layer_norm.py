@@ -2,9 +2,6 @@
 odd shape; custom-op registration; compile; gradcheck; every input check of the C++ kernels."""
 
 import logging
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from conftest import (
     cpp_input_checks,
     reduction_scale,
     run_on,
+    run_python,
     saved_bytes_beyond,
 )
 from hypothesis import given, settings
@@ -348,15 +346,6 @@ def test_mixed_dtype_runs_reference_and_logs_once(caplog):
     assert_close(y, reference.layer_norm(x, (16,), w), torch.bfloat16)
     assert_close(y.float(), TF.layer_norm(x.float(), (16,), w), torch.bfloat16)
     assert sum("mixed dtype" in r.message for r in caplog.records) == 1
-
-
-def run_python(code, **env):
-    full_env = {**os.environ, **env}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
 
 
 def test_env_overrides_backend_and_isa():

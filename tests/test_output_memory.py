@@ -2,15 +2,12 @@
 that no op reads what an earlier call left in a reused block."""
 
 import multiprocessing
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import CPU_BACKENDS, run_on
+from conftest import CPU_BACKENDS, run_on, run_python
 
 import fastgpt
 import fastgpt.functional as F
@@ -18,17 +15,6 @@ from fastgpt import _cpu, profiling
 from fastgpt.ops.output_memory import empty_output_like
 
 MIB = 2**20
-
-
-def run_python(code, **env):
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return out.returncode, out.stdout.strip(), out.stderr
 
 
 @pytest.fixture
@@ -146,9 +132,9 @@ def test_cap_evicts_oldest_and_zero_turns_the_cache_off():
         "i = fastgpt.output_cache_info()\n"
         "print(i['idle_blocks'], i['idle_bytes'] // 2**20, i['cap_bytes'] // 2**20)\n"
     )
-    assert run_python(code, FASTGPT_OUTPUT_CACHE_MB="12")[1] == "1 8 12"
-    assert run_python(code, FASTGPT_OUTPUT_CACHE_MB="0")[1] == "0 0 0"
-    assert run_python(code, FASTGPT_OUTPUT_CACHE_MB="")[1] == "2 16 1024"
+    assert run_python(code, FASTGPT_OUTPUT_CACHE_MB="12") == "1 8 12"
+    assert run_python(code, FASTGPT_OUTPUT_CACHE_MB="0") == "0 0 0"
+    assert run_python(code, FASTGPT_OUTPUT_CACHE_MB="") == "2 16 1024"
 
 
 def test_invalid_cap_is_a_clear_error():
@@ -156,8 +142,7 @@ def test_invalid_cap_is_a_clear_error():
         "import torch, fastgpt.functional as F\n"
         "try:\n    F.gelu(torch.randn(1024, 2048))\nexcept RuntimeError as e:\n    print(e)\n"
     )
-    rc, out, err = run_python(code, FASTGPT_OUTPUT_CACHE_MB="lots")
-    assert rc == 0, err
+    out = run_python(code, FASTGPT_OUTPUT_CACHE_MB="lots")
     assert "FASTGPT_OUTPUT_CACHE_MB must be a whole number of MiB" in out and "'lots'" in out
 
 

@@ -8,8 +8,12 @@ in each result's extra_info and in the saved JSON's machine_info:
 * torch's thread count (``FASTGPT_BENCH_THREADS`` sets it; torch's default otherwise);
 * the allocator: ``THP_MEM_ALLOC_ENABLE`` as set in the environment (it must be set before torch
   allocates, so it is not switched here), glibc malloc's defaults otherwise;
-* one untimed call (compilation for torch.compile), then one warm-up round, then the timed rounds;
-  peak memory is measured after the timing (fastgpt/profiling.py explains how and why).
+* one untimed call (compilation for torch.compile), then one warm-up call whose time sets the
+  round count, then the timed rounds: as many as fill ``FASTGPT_BENCH_MIN_TIME`` seconds (default
+  1; at least the case's own minimum, 5 unless it says fewer; at most 1000). On a shared VM one
+  burst from another job can cover five 3 ms rounds whole and flip a ratio; a second of rounds
+  makes the min and the median repeatable.
+  Peak memory is measured after the timing (fastgpt/profiling.py explains how and why).
 
     python -m pytest benchmarks/ --benchmark-only                      # the default allocator
     THP_MEM_ALLOC_ENABLE=1 python -m pytest benchmarks/ --benchmark-only
@@ -19,7 +23,9 @@ Under ``--benchmark-disable`` (CI's smoke run) every case runs once, and cases m
 skipped, with that reason.
 """
 
+import math
 import os
+import time
 
 import pytest
 import torch
@@ -27,10 +33,23 @@ import torch
 from fastgpt import bench_cases, profiling
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MAX_ROUNDS = 1000
 SMOKE_SKIP_BIG = (
     "big shape, skipped by the smoke run (--benchmark-disable): the same code runs at this op's "
     "smaller shapes; time it with --benchmark-only"
 )
+
+
+def min_time() -> float:
+    return float(os.environ.get("FASTGPT_BENCH_MIN_TIME", "1"))
+
+
+def timed_rounds(fn, at_least: int) -> int:
+    """Rounds that fill min_time() seconds, judged by one call: the warm-up round."""
+    t0 = time.perf_counter()
+    fn()
+    once = time.perf_counter() - t0
+    return max(at_least, min(MAX_ROUNDS, math.ceil(min_time() / max(once, 1e-6))))
 
 
 def settings() -> dict:
@@ -38,6 +57,7 @@ def settings() -> dict:
         "device": DEVICE,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "min_time_s": min_time(),
         "allocator": profiling.allocator_settings(),
     }
 
@@ -65,7 +85,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 def run_case(benchmark, request):
     """run_case(op, shape, dtype, mode, contender): time one contender of one case."""
 
-    def run(op, shape, dtype, mode, contender, rounds=5):
+    def run(op, shape, dtype, mode, contender, min_rounds=5):
         if benchmark.disabled and request.node.get_closest_marker("big"):
             pytest.skip(SMOKE_SKIP_BIG)
         case = bench_cases.make_case(op, shape, dtype, mode, DEVICE, contenders=(contender,))
@@ -79,7 +99,8 @@ def run_case(benchmark, request):
             benchmark.pedantic(fn, rounds=1, iterations=1)
             return case
         fn()  # compilation (torch.compile), lazy initialisation
-        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+        rounds = timed_rounds(fn, min_rounds)
+        benchmark.pedantic(fn, rounds=rounds, iterations=1)
         # After the timing: the meter hands glibc's free pages back to the OS, which would make
         # the timed calls that followed it page-fault more than they do in a loop.
         peak = profiling.peak_bytes(fn, DEVICE)

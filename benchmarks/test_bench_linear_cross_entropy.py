@@ -19,4 +19,4 @@ SHAPES = [(1024, 768, 50257), big((4096, 768, 50257)), big((4096, 1600, 128256))
 
 @pytest.mark.parametrize(ARGS, params("linear_cross_entropy", SHAPES))
 def test_linear_cross_entropy(run_case, op, shape, dtype, mode, contender):
-    run_case(op, shape, dtype, mode, contender, rounds=2 if shape[0] >= 4096 else 5)
+    run_case(op, shape, dtype, mode, contender, min_rounds=2 if shape[0] >= 4096 else 5)

@@ -300,11 +300,14 @@ def test_dropout_rate_and_scale():
         assert not torch.equal(other, dropped)
 
 
+@pytest.mark.parametrize("isa", CPU_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("tq", [37, 1])  # 1: the decode forward, then the general backward
-def test_dropout_gradients_use_the_forwards_mask(causal, tq):
-    with run_on(BEST):
-        b, h, tk, p, seed = 2, 2, 48, 0.25, 7
+# 1: the decode forward, then the general backward. (130, 150): rows longer than the mask's
+# 64-counter chunks in the forward (keys) and in the backward (queries), with tails.
+@pytest.mark.parametrize("tq,tk", [(37, 48), (1, 48), (130, 150)], ids=str)
+def test_dropout_gradients_use_the_forwards_mask(isa, causal, tq, tk):
+    with run_on(isa):
+        b, h, p, seed = 2, 2, 0.25, 7
         probs = dropped_probs(b, h, tq, tk, causal, 0.0, seed)
         keep = dropped_probs(b, h, tq, tk, causal, p, seed) != 0
         keep |= probs == 0  # masked entries: nothing to drop
@@ -319,6 +322,19 @@ def test_dropout_gradients_use_the_forwards_mask(causal, tq):
         dout = make(out.shape, torch.float32, 9, False)
         for g, e in zip(grads(out, (q, k, v), dout), grads(out_r, (q, k, v), dout)):
             assert_close(g, e, torch.float32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_mask_is_the_same_on_every_isa(causal):
+    # One hash, vectorized differently per build (AVX-512 multiplies 64-bit lanes natively, AVX2
+    # emulates them, the default build is scalar): the same seed must drop the same entries.
+    masks = []
+    for isa in CPU_BACKENDS:
+        with run_on(isa):
+            masks.append(dropped_probs(2, 3, 70, 133, causal, 0.4, 11, offset=5) != 0)
+    for m in masks[1:]:
+        assert torch.equal(m, masks[0])
+    assert 0.3 < 1 - masks[0].float().mean().item() < 0.7
 
 
 # ---- work splits, determinism, memory --------------------------------------------------------

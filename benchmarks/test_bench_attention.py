@@ -5,7 +5,8 @@ F.scaled_dot_product_attention (eager) vs torch.compile of it vs the naive maske
         --benchmark-columns=mean,stddev -q
 
 Shapes are (B, H, Tq, Tk, D): training at T = 128 to 8192 with GPT-2 small's 12 heads and xl's 25
-(head dim 64), and one decode step (Tq = 1 against 8192 cached keys, forward only). The naive
+(head dim 64), and one decode step (Tq = 1 against 8192 cached keys, forward only);
+``attention_dropout`` repeats two training shapes with dropout_p = 0.1. The naive
 module does not run where its (B, H, T, T) scores and their gradients would pass 4 GB (the skip
 says how much); T = 8192 is marked big (several seconds a call): the smoke run skips it.
 """
@@ -20,10 +21,15 @@ TRAIN = [
     big((1, 12, 8192, 8192, 64)),
 ]
 DECODE = [(1, 12, 1, 8192, 64)]
+# attention_dropout: the same causal attention with dropout_p = 0.1 (GPT-2's attn_pdrop).
+DROPOUT = [(8, 12, 128, 128, 64), (2, 12, 1024, 1024, 64)]
 
 
 @pytest.mark.parametrize(
-    ARGS, params("attention", TRAIN) + params("attention", DECODE, modes=["fwd"])
+    ARGS,
+    params("attention", TRAIN)
+    + params("attention", DECODE, modes=["fwd"])
+    + params("attention_dropout", DROPOUT),
 )
 def test_attention(run_case, op, shape, dtype, mode, contender):
     run_case(op, shape, dtype, mode, contender)

@@ -61,6 +61,7 @@ FULL = [
         for shape in ((8, 12, 128, 128, 64), (2, 12, 1024, 1024, 64), (1, 25, 2048, 2048, 64))
     ],
     ("attention", (1, 12, 1, 8192, 64), BOTH, ["fwd"]),
+    ("attention_dropout", (2, 12, 1024, 1024, 64), FP32, ["fwd+bwd"]),
 ]
 # Quick mode leaves out torch's chunked linear_cross_entropy: on CPU it runs 10-15x slower than the
 # others and would take a third of the quick run; --full runs it.

@@ -333,6 +333,19 @@ def naive_attention(q, k, v):
 
 @case_builder("attention", DEFAULT_CONTENDERS + ("naive",))
 def _attention(shape, dtype, device):
+    return _attention_case(shape, dtype, device, dropout_p=0.0)
+
+
+# GPT-2's attention dropout (transformers' attn_pdrop default), which training with its config
+# turns on. Training shapes only; no naive contender (it has no dropout).
+@case_builder("attention_dropout")
+def _attention_dropout(shape, dtype, device):
+    if shape[2] != shape[3]:
+        raise ValueError("attention_dropout cases are training shapes (Tq == Tk)")
+    return _attention_case(shape, dtype, device, dropout_p=0.1)
+
+
+def _attention_case(shape, dtype, device, dropout_p):
     b, h, tq, tk, d = shape
     if tq not in (1, tk):
         raise ValueError("attention cases are Tq == Tk (training) or Tq == 1 (decode)")
@@ -341,14 +354,20 @@ def _attention(shape, dtype, device):
     v = _randn((b, h, tk, d), dtype, device, seed=2)
     # torch's is_causal is top-left aligned; a single query against a cache sees every key.
     torch_causal = tq == tk
+    p = dropout_p
     forwards = {
-        "fastgpt": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "eager": lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=torch_causal),
-        "naive": naive_attention,
+        "fastgpt": lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, dropout_p=p, is_causal=True
+        ),
+        "eager": lambda q, k, v: TF.scaled_dot_product_attention(
+            q, k, v, dropout_p=p, is_causal=torch_causal
+        ),
     }
+    if not p:
+        forwards["naive"] = naive_attention
     skip = {}
     naive_gb = 8 * b * h * tq * tk * 4 / 1e9
-    if naive_gb > NAIVE_MAX_GB:
+    if not p and naive_gb > NAIVE_MAX_GB:
         skip["naive"] = (
             f"naive attention would hold ~{naive_gb:.0f} GB of (B, H, Tq, Tk) scores and their "
             f"gradients at this shape (limit {NAIVE_MAX_GB:.0f} GB)"

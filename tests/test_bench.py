@@ -16,7 +16,10 @@ TINY = {
     "cross_entropy": (16, 50),
     "linear_cross_entropy": (16, 32, 50),
     "attention": (2, 3, 16, 16, 8),
+    "attention_dropout": (2, 3, 16, 16, 8),
 }
+# Ops whose contenders draw their own random masks: they agree in shape, not in value.
+STOCHASTIC = {"attention_dropout"}
 
 
 def test_every_op_has_a_tiny_case():
@@ -34,8 +37,30 @@ def test_contenders_compute_the_same_thing(op, mode):
     want = case.calls["fastgpt"]()
     for name in others:
         got = case.calls[name]()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{op} {name}")
+        if op in STOCHASTIC:
+            assert [g.shape for g in _tensors(got)] == [w.shape for w in _tensors(want)]
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{op} {name}")
     assert case.flops > 0 and case.bytes > 0
+
+
+def _tensors(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def test_attention_dropout_case_drops():
+    """The dropout case runs the same attention as the plain one, with dropout on: its outputs
+    differ from the plain case's, and by a different mask on each call."""
+    shape = TINY["attention"]
+    plain = bench_cases.make_case("attention", shape, torch.float32, "fwd", contenders=("fastgpt",))
+    drop = bench_cases.make_case(
+        "attention_dropout", shape, torch.float32, "fwd", contenders=("fastgpt", "eager")
+    )
+    base = plain.calls["fastgpt"]()
+    for name in ("fastgpt", "eager"):
+        a, b = drop.calls[name](), drop.calls[name]()
+        assert a.shape == base.shape and not torch.equal(a, base) and not torch.equal(a, b)
+    assert drop.flops == plain.flops and drop.bytes == plain.bytes
 
 
 def test_memory_floor_moves_the_least_data():

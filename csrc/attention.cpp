@@ -709,7 +709,9 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   const acc* lsp = lse_safe.const_data_ptr<acc>();
 
   const int64_t splits = splits_for(pb.BH, nkb);
-  const int64_t ldq = padded_ld(Tq), ldk = padded_ld(kBwdK);
+  // ldq in steps of 256: it is part of the key of brgemm's kernel cache (see gemm.h), so a
+  // leading dim that followed Tq in steps of 16 compiled new kernels for most sequence lengths.
+  const int64_t ldq = (Tq + 255) / 256 * 256 + 16, ldk = padded_ld(kBwdK);
   // Per thread: Qᵀ and dOᵀ of its current batch·head (D x ldq each), dQᵀ (D x ldq; with splits,
   // per-split partials live in part_dq instead), Kᵀ of the key block (D x ldk), and the Sᵀ/Pᵀ and
   // dPᵀ/dSᵀ blocks (kBwdK x kBwdQ each).

@@ -21,7 +21,8 @@
 //   auto    oneDNN for fp32 products of at least kOneDnnMinWork when the CPU has AVX-512 and
 //           torch.backends.mkldnn is enabled; MKL otherwise (the default)
 //   onednn  as auto, without the size threshold (the tests use it to cover every shape)
-//   aten    always at::mm (MKL): ATen's eager behaviour
+//   aten    always at::mm (MKL): ATen's eager behaviour; the block products too (sgemm, not
+//           brgemm), which is how the tests cover both paths of block_mm
 #pragma once
 
 #include <ATen/Context.h>
@@ -33,11 +34,13 @@
 #include <cpuinfo.h>  // torch's copy, exported by libc10
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <unordered_set>
 
 namespace at::native {
 // aten/src/ATen/native/mkldnn/Matmul.h: result = alpha * mat1 @ mat2 + beta * result.
@@ -119,8 +122,9 @@ inline void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
 // never transposed: callers lay out what needs it once (attention keeps Kᵀ, Qᵀ and dOᵀ panels).
 //
 // fp32: ATen's batch-reduce GEMM (at::native::cpublas::brgemm, oneDNN's brgemm ukernel: JIT code
-// for the running CPU's widest vectors, generated once per shape and cached per thread; MKL's
-// sgemm where the ukernel is not built in). Measured on the 2-core Zen 5 (AVX-512) machine, one
+// for the running CPU's widest vectors, generated once per shape and cached per thread, for up
+// to kBrgemmShapes shapes a thread (brgemm_admits); MKL's sgemm where the ukernel is not built
+// in). Measured on the 2-core Zen 5 (AVX-512) machine, one
 // thread, blocks of 64-256 x 64-256 x 64-256: brgemm 110-230 GFLOP/s, MKL's sgemm 47-97 (MKL runs
 // its AVX2 kernels on AMD CPUs), oneDNN's matmul 34-100 (it creates or looks up a primitive and
 // wraps the memory on every call, ~15-20 us). On the 2-core Intel (AVX-512) machine brgemm and
@@ -134,14 +138,57 @@ __attribute__((weak)) void dgemm_(const char* transa, const char* transb, const 
                                   const int* n, const int* k, const double* alpha,
                                   const double* a, const int* lda, const double* b,
                                   const int* ldb, const double* beta, double* c, const int* ldc);
+__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const float* alpha,
+                                  const float* a, const int* lda, const float* b, const int* ldb,
+                                  const float* beta, float* c, const int* ldc);
 }
 
 namespace fastgpt::gemm {
 
+// Whether this thread runs an fp32 block product of this shape on brgemm. ATen JIT-compiles a
+// brgemm kernel for every distinct (m, n, k, lda, ldb, ldc, accumulate) and keeps it in a
+// per-thread cache that it never empties, so products whose shapes follow the sequence length
+// grew the process for good: attention fwd+bwd at every T from 50 to 400, 2 threads, +256 MB
+// (2917 shapes), and +608 MB by T = 700. One training shape needs a few dozen kernels (six
+// (B, H, T) fwd+bwd cases: 60); each thread sends its first kBrgemmShapes distinct shapes to
+// brgemm and later ones to MKL's sgemm (up to half the speed on small blocks here, no cache),
+// which bounds that memory at ~kBrgemmShapes x 45 KB a thread (measured with 512: +44 MB, flat
+// from T = 200 to 700).
+constexpr size_t kBrgemmShapes = 256;
+
+struct ShapeHash {
+  size_t operator()(const std::array<int64_t, 7>& a) const {
+    uint64_t h = 0x9E3779B97F4A7C15ULL;
+    for (int64_t v : a) h = (h ^ static_cast<uint64_t>(v)) * 0x100000001B3ULL;
+    return static_cast<size_t>(h);
+  }
+};
+
+inline bool brgemm_admits(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                          bool accumulate) {
+  thread_local std::unordered_set<std::array<int64_t, 7>, ShapeHash> shapes;
+  const std::array<int64_t, 7> key{m, n, k, lda, ldb, ldc, accumulate};
+  if (shapes.count(key) != 0) return true;
+  if (shapes.size() >= kBrgemmShapes) return false;
+  shapes.insert(key);
+  return true;
+}
+
 // m, n, k > 0; lda >= k, ldb >= n, ldc >= n.
 inline void block_mm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  const bool mkl = choice().load(std::memory_order_relaxed) == kAten ||
+                   !brgemm_admits(m, n, k, lda, ldb, ldc, accumulate);
+  if (!mkl || &sgemm_ == nullptr || std::max({m, n, k, lda, ldb, ldc}) > kMax) {
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+    return;
+  }
+  // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ (see the double version below).
+  const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
+  const float one = 1, beta = accumulate ? 1 : 0;
+  sgemm_("N", "N", &ni, &mi, &ki, &one, B, &ldbi, A, &ldai, &beta, C, &ldci);
 }
 
 inline void block_mm(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,

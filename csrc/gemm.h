@@ -20,9 +20,10 @@
 // Choice (FASTGPT_CPU_GEMM, or fastgpt._cpu.use_gemm() at run time):
 //   auto    oneDNN for fp32 products of at least kOneDnnMinWork when the CPU has AVX-512 and
 //           torch.backends.mkldnn is enabled; MKL otherwise (the default)
-//   onednn  as auto, without the size threshold (the tests use it to cover every shape)
+//   onednn  as auto, without the size threshold or the shape budgets (onednn_admits,
+//           brgemm_admits): the tests use it to cover every shape on oneDNN and brgemm
 //   aten    always at::mm (MKL): ATen's eager behaviour; the block products too (sgemm, not
-//           brgemm), which is how the tests cover both paths of block_mm
+//           brgemm), so the tests cover both paths of block_mm
 #pragma once
 
 #include <ATen/Context.h>
@@ -40,6 +41,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <unordered_set>
 
 namespace at::native {
@@ -82,6 +84,39 @@ inline bool onednn_usable() {
   return cpu_ok && at::globalContext().userEnabledMkldnn();
 }
 
+// A hash of a product's shape key (sizes, leading dims, flags), for the shape budgets below.
+template <size_t N>
+struct ShapeHash {
+  size_t operator()(const std::array<int64_t, N>& a) const {
+    uint64_t h = 0x9E3779B97F4A7C15ULL;
+    for (int64_t v : a) h = (h ^ static_cast<uint64_t>(v)) * 0x100000001B3ULL;
+    return static_cast<size_t>(h);
+  }
+};
+
+// Whether the product out = [out +] a · b may go to oneDNN, by its shape. ATen's mkldnn_matmul
+// creates a oneDNN primitive (JIT code, ~0.5 MB) for every distinct shape and layout and keeps it
+// in two caches (ideep's, LRU_CACHE_CAPACITY, and oneDNN's, ONEDNN_PRIMITIVE_CACHE_CAPACITY;
+// 1024 entries each by default), so products whose row count follows the batch's token count
+// (prefill and evaluation at varying lengths) grew the process by ~1.5 MB per new count:
+// F.linear 768 -> 768 fwd+bwd at 550 row counts, +846 MB; eager (MKL) +26 MB. A GPT-2 training
+// step needs ~20 shapes; the first kOneDnnShapes distinct ones of the process go to oneDNN and
+// later ones to MKL (eager's library), which bounds that memory at ~kOneDnnShapes x 0.5 MB.
+constexpr size_t kOneDnnShapes = 64;
+
+inline bool onednn_admits(const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (choice().load(std::memory_order_relaxed) == kOneDnn) return true;  // asked for: no budget
+  static std::mutex mu;
+  static std::unordered_set<std::array<int64_t, 8>, ShapeHash<8>> shapes;
+  const std::array<int64_t, 8> key{a.size(0), a.size(1), b.size(1), a.stride(0),
+                                   a.stride(1), b.stride(0), b.stride(1), accumulate};
+  std::lock_guard<std::mutex> lock(mu);
+  if (shapes.count(key) != 0) return true;
+  if (shapes.size() >= kOneDnnShapes) return false;
+  shapes.insert(key);
+  return true;
+}
+
 // The library that runs an (m x k) · (k x n) product of dtype `dtype`.
 //
 // A single row (m = 1, a matrix-vector product: bound by reading b, nothing for oneDNN to win)
@@ -104,7 +139,8 @@ inline bool use_onednn(at::ScalarType dtype, int64_t m, int64_t n, int64_t k) {
 // contiguous tensor are read in place by both libraries; others are copied first.
 inline void mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (use_onednn(out.scalar_type(), m, n, k) && out.is_contiguous()) {
+  if (use_onednn(out.scalar_type(), m, n, k) && out.is_contiguous() &&
+      onednn_admits(a, b, accumulate)) {
     at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
     return;
   }
@@ -151,23 +187,15 @@ namespace fastgpt::gemm {
 // per-thread cache that it never empties, so products whose shapes follow the sequence length
 // grew the process for good: attention fwd+bwd at every T from 50 to 400, 2 threads, +256 MB
 // (2917 shapes), and +608 MB by T = 700. One training shape needs a few dozen kernels (six
-// (B, H, T) fwd+bwd cases: 60); each thread sends its first kBrgemmShapes distinct shapes to
-// brgemm and later ones to MKL's sgemm (up to half the speed on small blocks here, no cache),
+// (B, H, T) fwd+bwd cases: 60); under "auto" each thread sends its first kBrgemmShapes distinct
+// shapes to brgemm and later ones to MKL's sgemm (up to half the speed on small blocks here, no cache),
 // which bounds that memory at ~kBrgemmShapes x 45 KB a thread (measured with 512: +44 MB, flat
 // from T = 200 to 700).
 constexpr size_t kBrgemmShapes = 256;
 
-struct ShapeHash {
-  size_t operator()(const std::array<int64_t, 7>& a) const {
-    uint64_t h = 0x9E3779B97F4A7C15ULL;
-    for (int64_t v : a) h = (h ^ static_cast<uint64_t>(v)) * 0x100000001B3ULL;
-    return static_cast<size_t>(h);
-  }
-};
-
 inline bool brgemm_admits(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
                           bool accumulate) {
-  thread_local std::unordered_set<std::array<int64_t, 7>, ShapeHash> shapes;
+  thread_local std::unordered_set<std::array<int64_t, 7>, ShapeHash<7>> shapes;
   const std::array<int64_t, 7> key{m, n, k, lda, ldb, ldc, accumulate};
   if (shapes.count(key) != 0) return true;
   if (shapes.size() >= kBrgemmShapes) return false;
@@ -179,8 +207,8 @@ inline bool brgemm_admits(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t 
 inline void block_mm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   constexpr int64_t kMax = std::numeric_limits<int>::max();
-  const bool mkl = choice().load(std::memory_order_relaxed) == kAten ||
-                   !brgemm_admits(m, n, k, lda, ldb, ldc, accumulate);
+  const int c = choice().load(std::memory_order_relaxed);
+  const bool mkl = c == kAten || (c == kAuto && !brgemm_admits(m, n, k, lda, ldb, ldc, accumulate));
   if (!mkl || &sgemm_ == nullptr || std::max({m, n, k, lda, ldb, ldc}) > kMax) {
     at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
     return;
@@ -216,7 +244,8 @@ inline void block_mm(int64_t m, int64_t n, int64_t k, const double* A, int64_t l
 // out (m x n) = bias (n, broadcast over the rows) + a · b; out as for mm_out.
 inline void addmm_out(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a,
                       const at::Tensor& b) {
-  if (use_onednn(out.scalar_type(), a.size(0), b.size(1), a.size(1)) && out.is_contiguous()) {
+  if (use_onednn(out.scalar_type(), a.size(0), b.size(1), a.size(1)) && out.is_contiguous() &&
+      onednn_admits(a, b, /*accumulate=*/true)) {
     out.copy_(bias.expand_as(out));  // what ATen's addmm does too: bias first, then beta = 1
     at::native::mkldnn_matmul(a, b, out, 1.0f, 1.0f);
     return;

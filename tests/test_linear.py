@@ -17,6 +17,7 @@ from conftest import (
     cpp_input_checks,
     reduction_scale,
     run_on,
+    run_python,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -301,6 +302,32 @@ def _onednn_matmuls_logged(gemm: str) -> int:
 def test_fp32_products_run_on_onednn_unless_told_otherwise():
     assert _onednn_matmuls_logged("auto") == 2  # the output and d_input (w needs no grad)
     assert _onednn_matmuls_logged("aten") == 0
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="oneDNN's fp32 matmul is chosen only with AVX-512")
+def test_many_row_counts_keep_memory_bounded():
+    # oneDNN keeps a primitive (~0.5 MB of JIT code) per product shape, in caches of 1024 entries
+    # (csrc/gemm.h): F.linear at 300 row counts grew the process by ~450 MB before the shape
+    # budget sent the products past it to MKL. Those products must still be right.
+    code = """
+import torch, fastgpt, fastgpt.functional as F
+torch.set_num_threads(2)
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+w, b = torch.randn(768, 768), torch.randn(768)
+with fastgpt.use_backend("cpu"):
+    for n in range(200, 500):
+        x = torch.randn(n, 768, requires_grad=True)
+        y = F.linear(x, w, b)
+        (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+        if n == 250:
+            start = rss_mb()
+torch.testing.assert_close(y, x @ w.T + b, atol=1e-4, rtol=1e-4)
+torch.testing.assert_close(dx, torch.ones_like(y) @ w, atol=1e-4, rtol=1e-4)
+print(rss_mb() - start)
+"""
+    grown_mb = float(run_python(code, FASTGPT_CPU_GEMM="auto"))
+    assert grown_mb < 100, f"resident memory grew {grown_mb:.0f} MB over 250 row counts"
 
 
 def test_bad_gemm_variable_is_a_clear_error():

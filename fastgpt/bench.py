@@ -35,9 +35,11 @@ QUICK = [
     ("gelu_tanh", (8192, 3072), FP32, ["fwd+bwd"]),
     ("gelu_erf", (8192, 3072), FP32, ["fwd+bwd"]),
     ("bias_gelu_tanh", (8192, 3072), FP32, ["fwd+bwd"]),
+    ("bias_gelu_erf", (8192, 3072), FP32, ["fwd+bwd"]),
     ("cross_entropy", (2048, 50257), FP32, ["fwd+bwd"]),
     ("linear_cross_entropy", (512, 768, 50257), FP32, ["fwd+bwd"]),
     ("attention", (2, 12, 1024, 1024, 64), FP32, ["fwd+bwd"]),
+    ("attention_dropout", (8, 12, 128, 128, 64), FP32, ["fwd+bwd"]),
 ]
 FULL = [
     *[
@@ -232,6 +234,10 @@ def main(argv=None) -> int:
             known = " ".join(bench_cases.ops())
             sys.exit(f"fastgpt bench: no op {', '.join(unknown)}; ops: {known}")
         plan = [row for row in plan if row[0] in args.ops]
+        missing = sorted(set(args.ops) - {row[0] for row in plan})
+        if missing:
+            mode = "full" if args.full else "quick"
+            sys.exit(f"fastgpt bench: no {mode} case for {', '.join(missing)}")
     t0 = time.perf_counter()
     copy_gbs, mm_gflops = machine_rates(args.device)
     print(

@@ -26,6 +26,12 @@ def test_every_op_has_a_tiny_case():
     assert sorted(TINY) == sorted(bench_cases.ops())
 
 
+@pytest.mark.parametrize("plan", ["QUICK", "FULL"])
+def test_every_op_is_in_both_bench_modes(plan):
+    # `fastgpt bench --ops X` must have something to run for every op, quick or --full.
+    assert {row[0] for row in getattr(bench, plan)} == set(bench_cases.ops())
+
+
 @pytest.mark.parametrize("mode", bench_cases.MODES)
 @pytest.mark.parametrize("op", sorted(TINY))
 def test_contenders_compute_the_same_thing(op, mode):

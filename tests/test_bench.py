@@ -1,5 +1,7 @@
 """fastgpt bench and its case builders, on tiny shapes (no timing is asserted)."""
 
+import pathlib
+
 import pytest
 import torch
 
@@ -24,6 +26,13 @@ STOCHASTIC = {"attention_dropout"}
 
 def test_every_op_has_a_tiny_case():
     assert sorted(TINY) == sorted(bench_cases.ops())
+
+
+def test_every_op_has_a_benchmark_suite():
+    # The pytest-benchmark suites name their ops in params("op", ...) calls.
+    root = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    text = "\n".join(p.read_text() for p in root.glob("test_bench_*.py"))
+    assert [op for op in bench_cases.ops() if f'"{op}"' not in text] == []
 
 
 @pytest.mark.parametrize("plan", ["QUICK", "FULL"])

@@ -84,14 +84,31 @@ inline bool onednn_usable() {
   return cpu_ok && at::globalContext().userEnabledMkldnn();
 }
 
-// A hash of a product's shape key (sizes, leading dims, flags), for the shape budgets below.
+// The distinct product shapes a library may still be given: the first `cap` keys (sizes, leading
+// dims, flags) are admitted, and after them only keys already admitted. Not locked: callers
+// keep one per thread or lock it.
 template <size_t N>
-struct ShapeHash {
-  size_t operator()(const std::array<int64_t, N>& a) const {
-    uint64_t h = 0x9E3779B97F4A7C15ULL;
-    for (int64_t v : a) h = (h ^ static_cast<uint64_t>(v)) * 0x100000001B3ULL;
-    return static_cast<size_t>(h);
+class ShapeBudget {
+ public:
+  using Key = std::array<int64_t, N>;
+  explicit ShapeBudget(size_t cap) : cap_(cap) {}
+  bool admits(const Key& key) {
+    if (shapes_.count(key) != 0) return true;
+    if (shapes_.size() >= cap_) return false;
+    shapes_.insert(key);
+    return true;
   }
+
+ private:
+  struct Hash {
+    size_t operator()(const Key& a) const {
+      uint64_t h = 0x9E3779B97F4A7C15ULL;
+      for (int64_t v : a) h = (h ^ static_cast<uint64_t>(v)) * 0x100000001B3ULL;
+      return static_cast<size_t>(h);
+    }
+  };
+  size_t cap_;
+  std::unordered_set<Key, Hash> shapes_;
 };
 
 // Whether the product out = [out +] a · b may go to oneDNN, by its shape. ATen's mkldnn_matmul
@@ -107,14 +124,10 @@ constexpr size_t kOneDnnShapes = 64;
 inline bool onednn_admits(const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   if (choice().load(std::memory_order_relaxed) == kOneDnn) return true;  // asked for: no budget
   static std::mutex mu;
-  static std::unordered_set<std::array<int64_t, 8>, ShapeHash<8>> shapes;
-  const std::array<int64_t, 8> key{a.size(0), a.size(1), b.size(1), a.stride(0),
-                                   a.stride(1), b.stride(0), b.stride(1), accumulate};
+  static ShapeBudget<8> budget(kOneDnnShapes);
   std::lock_guard<std::mutex> lock(mu);
-  if (shapes.count(key) != 0) return true;
-  if (shapes.size() >= kOneDnnShapes) return false;
-  shapes.insert(key);
-  return true;
+  return budget.admits({a.size(0), a.size(1), b.size(1), a.stride(0), a.stride(1), b.stride(0),
+                        b.stride(1), accumulate});
 }
 
 // The library that runs an (m x k) · (k x n) product of dtype `dtype`.
@@ -188,48 +201,48 @@ namespace fastgpt::gemm {
 // grew the process for good: attention fwd+bwd at every T from 50 to 400, 2 threads, +256 MB
 // (2917 shapes), and +608 MB by T = 700. One training shape needs a few dozen kernels (six
 // (B, H, T) fwd+bwd cases: 60); under "auto" each thread sends its first kBrgemmShapes distinct
-// shapes to brgemm and later ones to MKL's sgemm (up to half the speed on small blocks here, no cache),
-// which bounds that memory at ~kBrgemmShapes x 45 KB a thread (measured with 512: +44 MB, flat
-// from T = 200 to 700).
+// shapes to brgemm and later ones to MKL's sgemm (up to half the speed on small blocks here, no
+// cache), which bounds that memory at ~kBrgemmShapes x 45 KB a thread (measured with 512: +44 MB,
+// flat from T = 200 to 700).
 constexpr size_t kBrgemmShapes = 256;
 
 inline bool brgemm_admits(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
                           bool accumulate) {
-  thread_local std::unordered_set<std::array<int64_t, 7>, ShapeHash<7>> shapes;
-  const std::array<int64_t, 7> key{m, n, k, lda, ldb, ldc, accumulate};
-  if (shapes.count(key) != 0) return true;
-  if (shapes.size() >= kBrgemmShapes) return false;
-  shapes.insert(key);
+  thread_local ShapeBudget<7> budget(kBrgemmShapes);
+  return budget.admits({m, n, k, lda, ldb, ldc, accumulate});
+}
+
+// The Fortran BLAS entry of one precision (sgemm_, dgemm_).
+template <typename T>
+using BlasGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*,
+                          const T*, const int*, const T*, const int*, const T*, T*, const int*);
+
+// Row-major C = [C +] A·B through the BLAS entry `gemm`; false (nothing done) when the symbol is
+// missing or a size does not fit BLAS's int. Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ, and
+// row-major memory read as column-major is the transpose: so B goes first, untransposed, then A.
+template <typename T>
+inline bool blas_mm(BlasGemm<T> gemm, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda,
+                    const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (gemm == nullptr || std::max({m, n, k, lda, ldb, ldc}) > kMax) return false;
+  const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
+  const T one = 1, beta = accumulate ? 1 : 0;
+  gemm("N", "N", &ni, &mi, &ki, &one, B, &ldbi, A, &ldai, &beta, C, &ldci);
   return true;
 }
 
 // m, n, k > 0; lda >= k, ldb >= n, ldc >= n.
 inline void block_mm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  constexpr int64_t kMax = std::numeric_limits<int>::max();
   const int c = choice().load(std::memory_order_relaxed);
   const bool mkl = c == kAten || (c == kAuto && !brgemm_admits(m, n, k, lda, ldb, ldc, accumulate));
-  if (!mkl || &sgemm_ == nullptr || std::max({m, n, k, lda, ldb, ldc}) > kMax) {
-    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
-    return;
-  }
-  // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ (see the double version below).
-  const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
-  const float one = 1, beta = accumulate ? 1 : 0;
-  sgemm_("N", "N", &ni, &mi, &ki, &one, B, &ldbi, A, &ldai, &beta, C, &ldci);
+  if (mkl && blas_mm<float>(&sgemm_, m, n, k, A, lda, B, ldb, C, ldc, accumulate)) return;
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
 }
 
 inline void block_mm(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,
                      const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
-  constexpr int64_t kMax = std::numeric_limits<int>::max();
-  if (&dgemm_ != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= kMax) {
-    // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ, and row-major memory read as column-major
-    // is the transpose: so B goes first, untransposed, then A.
-    const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
-    const double one = 1, beta = accumulate ? 1 : 0;
-    dgemm_("N", "N", &ni, &mi, &ki, &one, B, &ldbi, A, &ldai, &beta, C, &ldci);
-    return;
-  }
+  if (blas_mm<double>(&dgemm_, m, n, k, A, lda, B, ldb, C, ldc, accumulate)) return;
   const auto opts = at::TensorOptions().dtype(at::kDouble);
   at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
   const at::Tensor a = at::from_blob(const_cast<double*>(A), {m, k}, {lda, 1}, opts);

@@ -354,20 +354,19 @@ def _attention_case(shape, dtype, device, dropout_p):
     v = _randn((b, h, tk, d), dtype, device, seed=2)
     # torch's is_causal is top-left aligned; a single query against a cache sees every key.
     torch_causal = tq == tk
-    p = dropout_p
     forwards = {
         "fastgpt": lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, dropout_p=p, is_causal=True
+            q, k, v, dropout_p=dropout_p, is_causal=True
         ),
         "eager": lambda q, k, v: TF.scaled_dot_product_attention(
-            q, k, v, dropout_p=p, is_causal=torch_causal
+            q, k, v, dropout_p=dropout_p, is_causal=torch_causal
         ),
     }
-    if not p:
+    if not dropout_p:
         forwards["naive"] = naive_attention
     skip = {}
     naive_gb = 8 * b * h * tq * tk * 4 / 1e9
-    if not p and naive_gb > NAIVE_MAX_GB:
+    if not dropout_p and naive_gb > NAIVE_MAX_GB:
         skip["naive"] = (
             f"naive attention would hold ~{naive_gb:.0f} GB of (B, H, Tq, Tk) scores and their "
             f"gradients at this shape (limit {NAIVE_MAX_GB:.0f} GB)"

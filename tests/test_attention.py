@@ -342,8 +342,8 @@ def test_dropout_mask_is_the_same_on_every_isa(causal):
 
 def test_many_sequence_lengths_keep_memory_bounded():
     # ATen keeps every brgemm kernel it compiles, per thread, for good (csrc/gemm.h): before the
-    # per-thread shape budget, attention at every T from 50 to 400 grew the process by 256 MB
-    # and kept growing (~0.7 MB per length). With it the growth stops at the budget (~10 MB),
+    # per-thread shape budget this loop grew the process by 282 MB and kept growing (~0.7 MB
+    # per length). With it the growth stops at the budget (~10 MB),
     # and the products past the budget (MKL's sgemm) still give the right answer.
     code = """
 import torch, fastgpt, fastgpt.functional as F

@@ -307,8 +307,8 @@ def test_fp32_products_run_on_onednn_unless_told_otherwise():
 @pytest.mark.skipif(not HAS_AVX512, reason="oneDNN's fp32 matmul is chosen only with AVX-512")
 def test_many_row_counts_keep_memory_bounded():
     # oneDNN keeps a primitive (~0.5 MB of JIT code) per product shape, in caches of 1024 entries
-    # (csrc/gemm.h): F.linear at 300 row counts grew the process by ~450 MB before the shape
-    # budget sent the products past it to MKL. Those products must still be right.
+    # (csrc/gemm.h): this loop grew the process by 350 MB before the shape budget sent the
+    # products past it to MKL. Those products must still be right.
     code = """
 import torch, fastgpt, fastgpt.functional as F
 torch.set_num_threads(2)

@@ -18,15 +18,14 @@ def attention(
 ):
     """transformers' attention-function contract: (B, H, T, D) in, ((B, T, H, D), None) out.
 
-    Mirrors transformers' sdpa_attention_forward; anything outside GPT-2-style attention
-    (grouped KV heads, position bias, softcap, sliding windows, paged caches) is handed to it.
+    Mirrors transformers' sdpa_attention_forward, grouped key/value heads included (as torch's
+    ``enable_gqa``); anything else outside GPT-2-style attention (position bias, softcap, sliding
+    windows, paged caches) is handed to it.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     special = ("position_bias", "softcap", "sliding_window", "cache", "s_aux")
-    if getattr(module, "num_key_value_groups", 1) > 1 or any(
-        kwargs.get(k) is not None for k in special
-    ):
+    if any(kwargs.get(k) is not None for k in special):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
@@ -37,7 +36,14 @@ def attention(
         # transformers' sdpa path means top-left alignment here (an empty static cache)
         key, value = key[:, :, :t_q], value[:, :, :t_q]
     out = F.scaled_dot_product_attention(
-        query, key, value, attention_mask, dropout, is_causal=is_causal, scale=scaling
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout,
+        is_causal=is_causal,
+        scale=scaling,
+        enable_gqa=getattr(module, "num_key_value_groups", 1) > 1,
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -2,8 +2,8 @@
 fastgpt has twins for are fastgpt's (used by ``fastgpt.patch`` to rebind a module's forward).
 
 The adapters keep torch's exact signatures and semantics: whatever fastgpt's twin does not take
-(torch's legacy ``size_average``/``reduce``, ``enable_gqa``, ``is_causal`` with Tq != Tk, which
-torch aligns top-left) goes to torch's own function, so a patched module computes what it did.
+(torch's legacy ``size_average``/``reduce``, ``is_causal`` with Tq != Tk, which torch aligns
+top-left) goes to torch's own function, so a patched module computes what it did.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ def gelu(input, approximate="none"):
 def scaled_dot_product_attention(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
 ):
-    if enable_gqa or (is_causal and query.shape[-2] != key.shape[-2]):
+    if is_causal and query.shape[-2] != key.shape[-2]:
         # torch's causal mask is top-left aligned when Tq != Tk, fastgpt's bottom-right
         return TF.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
-    return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa=enable_gqa
+    )
 
 
 def cross_entropy(

@@ -354,6 +354,8 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
+    *,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` on (..., T, D) tensors.
 
@@ -361,8 +363,27 @@ def scaled_dot_product_attention(
     (memory O(T·D), no T×T scores) unless an ``attn_mask`` tensor or an unsupported layout asks
     for the reference path. Dropout draws its seed from torch's default CPU generator, so
     ``torch.manual_seed`` makes it reproducible.
+
+    ``enable_gqa``: grouped-query attention, key and value with fewer heads (dim -3) than the
+    query, query head h reading key/value head h // (Hq / Hkv) as in torch. Where no query's
+    visible keys depend on its position (not causal, or a decode step: Tq = 1) and no mask is
+    given, each group's queries are folded into one sequence over their shared head (a view, no
+    copy of the cache). Otherwise each key/value head is repeated for its group first, which
+    costs Hq / Hkv - 1 more copies of key and value; the backward sums them back.
     """
     _check_attention_args(query, key, value, dropout_p)
+    if enable_gqa:
+        group = _gqa_group(query, key, value)
+        if group > 1:
+            *lead, h_q, t_q, d = query.shape
+            if attn_mask is None and (not is_causal or t_q == 1) and tuple(lead) == key.shape[:-3]:
+                folded = query.reshape(*lead, h_q // group, group * t_q, d)
+                out = scaled_dot_product_attention(
+                    folded, key, value, None, dropout_p, False, scale
+                )
+                return out.reshape(*lead, h_q, t_q, value.shape[-1])
+            key = key.repeat_interleave(group, dim=-3)
+            value = value.repeat_interleave(group, dim=-3)
     out = _attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
     if out is None:
         return reference.scaled_dot_product_attention(
@@ -391,6 +412,23 @@ def _check_attention_args(query, key, value, dropout_p):
         raise ValueError(
             f"scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}"
         )
+
+
+def _gqa_group(query, key, value) -> int:
+    """How many query heads share each key/value head (enable_gqa), checked."""
+    if query.dim() < 3 or key.dim() < 3 or value.dim() < 3:
+        raise RuntimeError(
+            "scaled_dot_product_attention: enable_gqa needs a heads dim (..., H, T, D), got "
+            f"shapes {list(query.shape)}, {list(key.shape)}, {list(value.shape)}"
+        )
+    h_q, h_k, h_v = query.shape[-3], key.shape[-3], value.shape[-3]
+    if h_k != h_v or h_q % h_k:
+        raise RuntimeError(
+            "scaled_dot_product_attention: with enable_gqa, key and value must have the same "
+            f"number of heads and it must divide the query's; got query {h_q}, key {h_k}, "
+            f"value {h_v} heads"
+        )
+    return h_q // h_k
 
 
 def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale):

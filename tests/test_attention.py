@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import CPU_BACKENDS, cpp_input_checks, run_on, run_python
+from conftest import CPU_BACKENDS, HAS_TRITON, cpp_input_checks, run_on, run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -208,14 +208,18 @@ def test_lse_is_logsumexp_of_scaled_scores():
         assert_close(lse, torch.logsumexp(s, -1), torch.float32)
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])
+def test_compile_fullgraph(kv_heads):
     torch._dynamo.reset()
 
     def block(q, k, v):
-        return F.scaled_dot_product_attention(q * 2, k, v, is_causal=True).sum(-1)
+        out = F.scaled_dot_product_attention(q * 2, k, v, is_causal=True, enable_gqa=True)
+        # the folded GQA path too (not causal), in the same graph
+        return (out + F.scaled_dot_product_attention(q, k, v, enable_gqa=True)).sum(-1)
 
     compiled = torch.compile(block, fullgraph=True)
     q, k, v = qkv(2, 2, 33, 33, 16, torch.float32)
+    k, v = (t.detach()[:, :kv_heads].clone().requires_grad_() for t in (k, v))
     out, out_e = compiled(q, k, v), block(q, k, v)
     assert_close(out, out_e, torch.float32)
     dout = make(out.shape, torch.float32, 4, False)
@@ -453,6 +457,136 @@ def test_t8192_bounded_memory():
         # causal alignment makes the slice's attention identical).
         want = reference.scaled_dot_product_attention(q[:, :, -8:], k, v, is_causal=True)
         assert_close(out[:, :, -8:], want, torch.float32)
+
+
+# ---- grouped-query attention (enable_gqa) --------------------------------------------------------
+
+# (B, Hq, Hkv, Tq, Tk, D, causal): folded (not causal; a decode step), repeated (causal prefill,
+# Tq != Tk), one shared head (multi-query), and the kernel's odd T and head dims.
+GQA_CASES = [
+    (2, 6, 2, 17, 17, 16, False),
+    (1, 4, 1, 1, 100, 64, True),
+    (2, 6, 3, 17, 17, 80, True),
+    (1, 8, 2, 100, 130, 64, True),
+    (1, 4, 4, 5, 9, 16, True),
+]
+
+
+def gqa_inputs(b, hq, hk, tq, tk, d, dtype):
+    return (
+        make((b, hq, tq, d), dtype, 0),
+        make((b, hk, tk, d), dtype, 1),
+        make((b, hk, tk, d), dtype, 2),
+    )
+
+
+@pytest.mark.parametrize("case", GQA_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gqa_matches_torch_and_the_reference(backend, case, dtype):
+    b, hq, hk, tq, tk, d, causal = case
+    q, k, v = gqa_inputs(b, hq, hk, tq, tk, d, dtype)
+    dout = make((b, hq, tq, d), dtype, 7, False)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    assert out.shape == q.shape and out.dtype == dtype
+    got = grads(out, (q, k, v), dout)
+    hi = torch.float64 if dtype == torch.float32 else torch.float32
+    qh, kh, vh = (t.detach().to(hi).requires_grad_() for t in (q, k, v))
+    # torch's enable_gqa, with fastgpt's bottom-right causal mask spelled out
+    mask = reference.causal_mask(tq, tk) if causal else None
+    out_t = TF.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+    # the reference on key/value heads repeated by hand (query head h reads head h // group)
+    group = hq // hk
+    kr, vr = (t.repeat_interleave(group, dim=1) for t in (kh, vh))
+    out_r = reference.scaled_dot_product_attention(qh, kr, vr, is_causal=causal)
+    for want in (out_t, out_r):
+        assert_close(out, want.to(dtype), dtype)
+    for g, e in zip(got, grads(out_t, (qh, kh, vh), dout.to(hi))):
+        assert_close(g, e.to(dtype), dtype)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("causal", [False, True], ids=["folded", "repeated"])
+def test_gqa_on_the_triton_kernels(causal, monkeypatch):
+    import fastgpt.triton.attention as launchers
+
+    shapes = []
+    fwd = launchers.attention_fwd
+
+    def recording(q, k, *args):
+        shapes.append((q.shape, k.shape))
+        return fwd(q, k, *args)
+
+    monkeypatch.setattr(launchers, "attention_fwd", recording)
+    q, k, v = gqa_inputs(1, 4, 2, 17, 17, 16, torch.float32)
+    dout = make((1, 4, 17, 16), torch.float32, 7, False)
+    with run_on("triton"):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        got = grads(out, (q, k, v), dout)
+    # folded: 2 heads of 2 x 17 queries on the 2 shared heads; repeated: 4 heads of 17 on 4
+    assert shapes == [((1, 2, 34, 16), (1, 2, 17, 16)) if not causal else ((1, 4, 17, 16),) * 2]
+    qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    want = TF.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=True)
+    assert_close(out, want, torch.float32)
+    for g, e in zip(got, grads(want, (qt, kt, vt), dout)):
+        assert_close(g, e, torch.float32)
+
+
+def test_gqa_folds_queries_instead_of_copying_the_cache(monkeypatch):
+    """A decode step (and any non-causal call) reads the shared key/value heads in place; only a
+    causal prefill, where a query's visible keys depend on its position, repeats them."""
+    calls = []
+    original = torch.Tensor.repeat_interleave
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", counting)
+    with run_on(BEST):
+        q, k, v = gqa_inputs(1, 8, 2, 1, 300, 64, torch.float32)
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        q, k, v = gqa_inputs(1, 8, 2, 9, 30, 64, torch.float32)
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        assert calls == []
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert len(calls) == 2  # key and value
+
+
+def test_gqa_with_a_mask_or_dropout():
+    q, k, v = gqa_inputs(2, 6, 2, 9, 11, 16, torch.float32)
+    mask = torch.rand(9, 11, generator=torch.Generator().manual_seed(0)) > 0.3
+    mask[:, 0] = True
+    with run_on(BEST):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        assert_close(
+            out,
+            TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+            torch.float32,
+        )
+        torch.manual_seed(3)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True)
+        torch.manual_seed(3)
+        b = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True)
+    assert torch.equal(a, b) and a.shape == q.shape
+    no_drop = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert not torch.allclose(a, no_drop)
+
+
+def test_gqa_argument_errors():
+    q = torch.randn(1, 6, 5, 8)
+    with pytest.raises(RuntimeError, match="must divide the query"):
+        F.scaled_dot_product_attention(
+            q, torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8), enable_gqa=True
+        )
+    with pytest.raises(RuntimeError, match="the same number of heads"):
+        F.scaled_dot_product_attention(
+            q, torch.randn(1, 2, 5, 8), torch.randn(1, 3, 5, 8), enable_gqa=True
+        )
+    with pytest.raises(RuntimeError, match="needs a heads dim"):
+        x = torch.randn(5, 8)
+        F.scaled_dot_product_attention(x, x, x, enable_gqa=True)
+    with pytest.raises(TypeError):  # keyword-only, as in torch
+        F.scaled_dot_product_attention(q, q, q, None, 0.0, False, None, True)
 
 
 # ---- fallbacks and argument checks -------------------------------------------------------------

@@ -72,6 +72,48 @@ def test_transformers_gpt2_padding_mask_and_generate():
     assert torch.equal(ga, gb)  # KV-cache decoding: one query against the cached keys
 
 
+def test_transformers_grouped_kv_heads_run_fastgpt_attention(monkeypatch):
+    """A Llama-style model with 4 query heads sharing 2 key/value heads: the patched attention is
+    fastgpt's (enable_gqa, no hand-off to transformers' sdpa), and outputs, gradients and greedy
+    KV-cache decoding are unchanged."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fastgpt.functional as F
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
+    hf = LlamaForCausalLM(cfg)
+    patched = fastgpt.patch(copy.deepcopy(hf))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("enable_gqa"))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    idx = torch.randint(0, 97, (3, 25))
+    a, b = hf(idx, labels=idx), patched(idx, labels=idx)
+    assert calls == [True, True]  # one call a layer, through fastgpt
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=1e-5)
+    a.loss.backward()
+    b.loss.backward()
+    assert_same_grads(hf, patched)
+    ga = hf.eval().generate(idx[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    gb = patched.eval().generate(idx[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(ga, gb)
+
+
 def test_transformers_dry_run_lists_the_swaps_and_changes_nothing():
     hf = hf_gpt2()
     report = fastgpt.patch(hf, dry_run=True)

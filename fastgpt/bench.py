@@ -40,6 +40,7 @@ QUICK = [
     ("linear_cross_entropy", (512, 768, 50257), FP32, ["fwd+bwd"]),
     ("attention", (2, 12, 1024, 1024, 64), FP32, ["fwd+bwd"]),
     ("attention_dropout", (8, 12, 128, 128, 64), FP32, ["fwd+bwd"]),
+    ("attention_gqa", (1, 32, 8, 1, 4096, 128), FP32, ["fwd"]),
 ]
 FULL = [
     *[
@@ -64,6 +65,8 @@ FULL = [
     ],
     ("attention", (1, 12, 1, 8192, 64), BOTH, ["fwd"]),
     ("attention_dropout", (2, 12, 1024, 1024, 64), FP32, ["fwd+bwd"]),
+    ("attention_gqa", (1, 32, 8, 1, 4096, 128), BOTH, ["fwd"]),
+    ("attention_gqa", (2, 12, 4, 1024, 1024, 64), FP32, ["fwd+bwd"]),
 ]
 # Quick mode leaves out torch's chunked linear_cross_entropy: on CPU it runs 10-15x slower than the
 # others and would take a third of the quick run; --full runs it.

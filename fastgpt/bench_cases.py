@@ -345,6 +345,33 @@ def _attention_dropout(shape, dtype, device):
     return _attention_case(shape, dtype, device, dropout_p=0.1)
 
 
+# Grouped-query attention, shape (B, Hq, Hkv, Tq, Tk, D): Hq query heads share Hkv key/value
+# heads (torch's enable_gqa). Tq == 1 is a decode step (Llama-3-8B's 32 / 8 heads of 128 against
+# a long cache), where fastgpt folds each group's queries onto their head; Tq == Tk is a causal
+# prefill or training step, where it repeats the key/value heads first.
+@case_builder("attention_gqa")
+def _attention_gqa(shape, dtype, device):
+    b, hq, hk, tq, tk, d = shape
+    if tq not in (1, tk) or hq % hk:
+        raise ValueError("attention_gqa cases are Tq == Tk or Tq == 1, with Hkv dividing Hq")
+    q = _randn((b, hq, tq, d), dtype, device)
+    k = _randn((b, hk, tk, d), dtype, device, seed=1)
+    v = _randn((b, hk, tk, d), dtype, device, seed=2)
+    torch_causal = tq == tk  # torch's is_causal is top-left aligned (see _attention_case)
+    forwards = {
+        "fastgpt": lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True
+        ),
+        "eager": lambda q, k, v: TF.scaled_dot_product_attention(
+            q, k, v, is_causal=torch_causal, enable_gqa=True
+        ),
+    }
+    elt = q.element_size()
+    flops = 4.0 * b * hq * tq * tk * d * (0.5 if torch_causal else 1.0)
+    io = float((2 * b * hq * tq * d + 2 * b * hk * tk * d) * elt)
+    return Built((q, k, v), forwards, flops, io, 2.5 * flops, 2.0 * io)
+
+
 def _attention_case(shape, dtype, device, dropout_p):
     b, h, tq, tk, d = shape
     if tq not in (1, tk):

@@ -19,6 +19,7 @@ TINY = {
     "linear_cross_entropy": (16, 32, 50),
     "attention": (2, 3, 16, 16, 8),
     "attention_dropout": (2, 3, 16, 16, 8),
+    "attention_gqa": (2, 6, 2, 16, 16, 8),
 }
 # Ops whose contenders draw their own random masks: they agree in shape, not in value.
 STOCHASTIC = {"attention_dropout"}
@@ -135,3 +136,13 @@ def test_plot_draws_the_sweeps(monkeypatch, tmp_path):
 def test_unknown_op_is_refused_with_the_list():
     with pytest.raises(SystemExit, match="no op nope; ops: linear layer_norm"):
         bench.main(["--ops", "nope"])
+
+
+def test_attention_gqa_decode_case_agrees():
+    """The decode form (Tq = 1, where fastgpt folds the query groups) gives torch's result."""
+    case = bench_cases.make_case("attention_gqa", (2, 8, 2, 1, 40, 16), torch.float32, "fwd")
+    want = case.calls["eager"]()
+    for name in ("fastgpt", "compile"):
+        torch.testing.assert_close(case.calls[name](), want, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="Hkv dividing Hq"):
+        bench_cases.make_case("attention_gqa", (1, 6, 4, 1, 8, 16), torch.float32, "fwd")

@@ -12,7 +12,7 @@
 // (KtPanels). Splitting K/V only happens when there are too few (batch·head, query block) tasks
 // for the threads (short queries, small B·H); the splits' partial (O, m, l) are then combined in
 // a fixed order, so the result stays deterministic.
-// Tq = 1 (a decode step) has its own path without block products: see "decode" below.
+// Tq <= 8 (a decode step) has its own path without block products: see "decode" below.
 //
 // Backward: Δ = rowsum(dO∘O) first; then tasks of (batch·head, key-block split). A task owns its
 // key blocks, so it writes dK, dV without atomics; it recomputes P = exp(S·scale - lse) for every
@@ -25,8 +25,9 @@
 // backward regenerates the forward's mask without storing it. The seed arrives as a tensor (see
 // seed_value).
 //
-// bf16/fp16 inputs are widened to fp32 once (O(T·D)) and the results rounded once on the way out;
-// float64 (gradcheck) computes in double.
+// bf16/fp16 inputs are widened to fp32 once (O(T·D)) and the results rounded once on the way out
+// (the decode path reads K and V as they are, widening in registers); float64 (gradcheck)
+// computes in double.
 #include "common.h"
 #include "gemm.h"
 #include "output_memory.h"
@@ -376,15 +377,45 @@ void combine_splits(const acc* po, const acc* pm, int64_t splits, int64_t rows, 
   });
 }
 
-// ---- decode: one query row per batch·head -------------------------------------------------------
+// ---- decode: a few query rows per batch·head against a long cache ------------------------------
 //
 // A decode step (Tq = 1) is a matrix-vector product on each side of the softmax and is bound by
 // reading K and V once. Block GEMMs with one row waste most of their time in call overhead and
 // packing, so this path works on rows directly: scores s_j = q·K_j over a chunk of keys (one
 // vector dot per key), the chunk's max and exps, then O += Σ p_j V_j (one vector FMA per key
-// and D-lane). Tasks are (batch·head, contiguous key range); more than one range per batch·head
-// only when there are too few batch·heads for the threads, and those partials are combined as the
-// general forward's splits are. With Tq = 1 a bottom-right-aligned causal mask hides nothing.
+// and D-lane). It takes up to kDecodeRows query rows: a grouped-query decode step folds a group's
+// queries into one batch·head (F.scaled_dot_product_attention's enable_gqa), and speculative or
+// chunked decoding sends a few. The rows walk each key chunk in turn, so the chunk is read from
+// memory once and from L2 by the other rows. Tasks are (batch·head, contiguous key range); more
+// than one range per batch·head only when there are too few batch·heads for the threads, and
+// those partials are combined as the general forward's splits are. K and V are read in their
+// own dtype (bf16/fp16 widened in registers): widening a whole cache first cost more than the
+// step (a 16 MB bf16 cache: 3x its bytes moved, and two fresh 32 MB buffers a call).
+constexpr int64_t kDecodeRows = 8;
+
+// Vectorized<acc>::size() consecutive K/V values as acc.
+template <typename acc, typename kv_t>
+inline Vectorized<acc> load_kv(const kv_t* p) {
+  if constexpr (std::is_same_v<acc, kv_t>) {
+    return Vectorized<acc>::loadu(p);
+  } else {
+    Vectorized<float> out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+template <typename acc, typename kv_t>
+inline acc dot_kv(const acc* q, const kv_t* k, int64_t n) {
+  using Vec = Vectorized<acc>;
+  Vec vs(0);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size())
+    vs = at::vec::fmadd(Vec::loadu(q + j), load_kv<acc>(k + j), vs);
+  acc s = hsum(vs);
+  for (; j < n; ++j) s += q[j] * static_cast<acc>(k[j]);
+  return s;
+}
 
 // The horizontal sums of four vectors. On AVX-512 fp32 they are folded together (two unpack and
 // two shuffle levels shared by the four, then the four 128-bit lanes) instead of four separate
@@ -422,127 +453,159 @@ inline void hsum4(const Vectorized<acc>& a0, const Vectorized<acc>& a1, const Ve
 // Keys per chunk: the scores stay in L1 and the running max is rescaled once per chunk.
 constexpr int64_t kDecodeChunk = 256;
 
-// One (batch·head, key range [k0, k1)): the unnormalised O (D values), running max m and sum l.
-template <typename acc>
-void decode_range(const acc* q, const acc* K, const acc* V, int64_t D, acc scale,
-                  const DropoutMask& drop, uint64_t counter0, int64_t k0, int64_t k1, acc* O,
-                  acc& m_out, acc& l_out, acc* S) {
+// S[j] = q·K_j for the n keys of a chunk, four at a time so that four independent FMA chains
+// hide the latency. With prefetch_v, starts the chunk's V rows on their way to L2 while the dots
+// run, so the P·V pass finds them in cache instead of opening a second miss stream.
+template <typename acc, typename kv_t>
+inline void chunk_scores(const acc* q, const kv_t* K, const kv_t* V, int64_t n, int64_t D,
+                         bool prefetch_v, acc* S) {
   using Vec = Vectorized<acc>;
   constexpr int64_t L = Vec::size();
   const int64_t dv = D / L * L;
-  std::fill(O, O + D, acc(0));
-  acc m = -std::numeric_limits<acc>::infinity(), l = 0;
-  for (int64_t c0 = k0; c0 < k1; c0 += kDecodeChunk) {
-    const int64_t n = std::min(kDecodeChunk, k1 - c0);
-    // Scores: four keys at a time so that four independent FMA chains hide the latency.
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const acc* k_0 = K + (c0 + j) * D;
-      // Start the V rows of these keys on their way (to L2) while the dots run: the P·V pass
-      // below then finds them in cache instead of opening a second miss stream after this one.
-      const char* v_0 = reinterpret_cast<const char*>(V + (c0 + j) * D);
-      for (int64_t b = 0; b < 4 * D * static_cast<int64_t>(sizeof(acc)); b += 64)
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const kv_t* k_0 = K + j * D;
+    if (prefetch_v) {
+      const char* v_0 = reinterpret_cast<const char*>(V + j * D);
+      for (int64_t b = 0; b < 4 * D * static_cast<int64_t>(sizeof(kv_t)); b += 64)
         __builtin_prefetch(v_0 + b, 0, 2);
-      Vec a0(0), a1(0), a2(0), a3(0);
-      for (int64_t d = 0; d < dv; d += L) {
-        const Vec qv = Vec::loadu(q + d);
-        a0 = at::vec::fmadd(qv, Vec::loadu(k_0 + d), a0);
-        a1 = at::vec::fmadd(qv, Vec::loadu(k_0 + D + d), a1);
-        a2 = at::vec::fmadd(qv, Vec::loadu(k_0 + 2 * D + d), a2);
-        a3 = at::vec::fmadd(qv, Vec::loadu(k_0 + 3 * D + d), a3);
-      }
-      acc s0, s1, s2, s3;
-      hsum4(a0, a1, a2, a3, s0, s1, s2, s3);
-      for (int64_t d = dv; d < D; ++d) {
-        s0 += q[d] * k_0[d];
-        s1 += q[d] * k_0[D + d];
-        s2 += q[d] * k_0[2 * D + d];
-        s3 += q[d] * k_0[3 * D + d];
-      }
-      S[j] = s0;
-      S[j + 1] = s1;
-      S[j + 2] = s2;
-      S[j + 3] = s3;
     }
-    for (; j < n; ++j) S[j] = dot(q, K + (c0 + j) * D, D);
-    const auto [mnew, sum] = online_exp_row(S, n, scale, m);
-    const acc alpha = std::exp(m - mnew);  // 0 for the first chunk (m = -inf)
-    l = l * alpha + sum;
-    m = mnew;
-    if (alpha != acc(1)) scale_row(O, D, alpha);
-    if (drop.on) drop.apply(S, n, counter0 + c0);
-    // O += Σ p_j V_j, the D lanes of O held in registers when D <= 8 vectors.
-    const acc* Vc = V + c0 * D;
-    if (dv == D && D <= 8 * L) {
-      Vec o[8];
-      const int64_t nv = D / L;
-      for (int64_t t = 0; t < nv; ++t) o[t] = Vec::loadu(O + t * L);
-      for (int64_t i = 0; i < n; ++i) {
-        const Vec p(S[i]);
-        const acc* vr = Vc + i * D;
-        for (int64_t t = 0; t < nv; ++t) o[t] = at::vec::fmadd(p, Vec::loadu(vr + t * L), o[t]);
-      }
-      for (int64_t t = 0; t < nv; ++t) o[t].store(O + t * L);
-    } else {
-      for (int64_t i = 0; i < n; ++i) {
-        const Vec p(S[i]);
-        const acc* vr = Vc + i * D;
-        int64_t d = 0;
-        for (; d < dv; d += L)
-          at::vec::fmadd(p, Vec::loadu(vr + d), Vec::loadu(O + d)).store(O + d);
-        for (; d < D; ++d) O[d] += S[i] * vr[d];
-      }
+    Vec a0(0), a1(0), a2(0), a3(0);
+    for (int64_t d = 0; d < dv; d += L) {
+      const Vec qv = Vec::loadu(q + d);
+      a0 = at::vec::fmadd(qv, load_kv<acc>(k_0 + d), a0);
+      a1 = at::vec::fmadd(qv, load_kv<acc>(k_0 + D + d), a1);
+      a2 = at::vec::fmadd(qv, load_kv<acc>(k_0 + 2 * D + d), a2);
+      a3 = at::vec::fmadd(qv, load_kv<acc>(k_0 + 3 * D + d), a3);
     }
+    acc s0, s1, s2, s3;
+    hsum4(a0, a1, a2, a3, s0, s1, s2, s3);
+    for (int64_t d = dv; d < D; ++d) {
+      s0 += q[d] * static_cast<acc>(k_0[d]);
+      s1 += q[d] * static_cast<acc>(k_0[D + d]);
+      s2 += q[d] * static_cast<acc>(k_0[2 * D + d]);
+      s3 += q[d] * static_cast<acc>(k_0[3 * D + d]);
+    }
+    S[j] = s0;
+    S[j + 1] = s1;
+    S[j + 2] = s2;
+    S[j + 3] = s3;
   }
-  m_out = m;
-  l_out = l;
+  for (; j < n; ++j) S[j] = dot_kv(q, K + j * D, D);
 }
 
-template <typename acc>
+// O (D values) += Σ_i S[i] V_i over n rows of V, O's lanes held in registers when D <= 8
+// vectors.
+template <typename acc, typename kv_t>
+inline void chunk_pv(const acc* S, const kv_t* V, int64_t n, int64_t D, acc* O) {
+  using Vec = Vectorized<acc>;
+  constexpr int64_t L = Vec::size();
+  const int64_t dv = D / L * L;
+  if (dv == D && D <= 8 * L) {
+    Vec o[8];
+    const int64_t nv = D / L;
+    for (int64_t t = 0; t < nv; ++t) o[t] = Vec::loadu(O + t * L);
+    for (int64_t i = 0; i < n; ++i) {
+      const Vec p(S[i]);
+      const kv_t* vr = V + i * D;
+      for (int64_t t = 0; t < nv; ++t) o[t] = at::vec::fmadd(p, load_kv<acc>(vr + t * L), o[t]);
+    }
+    for (int64_t t = 0; t < nv; ++t) o[t].store(O + t * L);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const Vec p(S[i]);
+    const kv_t* vr = V + i * D;
+    int64_t d = 0;
+    for (; d < dv; d += L) at::vec::fmadd(p, load_kv<acc>(vr + d), Vec::loadu(O + d)).store(O + d);
+    for (; d < D; ++d) O[d] += S[i] * static_cast<acc>(vr[d]);
+  }
+}
+
+// R query rows Q (R x D) of one batch·head against its keys [k0, k1), row r seeing the keys
+// j < visible[r] (the causal limit, or Tk). Leaves each row's unnormalised O (R x D), running max
+// m and sum l. counter0: the dropout counter of (row 0, key 0); rows are Tk counters apart.
+template <typename acc, typename kv_t>
+void decode_range(const acc* Q, int64_t R, const int64_t* visible, const kv_t* K, const kv_t* V,
+                  int64_t D, int64_t Tk, acc scale, const DropoutMask& drop, uint64_t counter0,
+                  int64_t k0, int64_t k1, acc* O, acc* m, acc* l, acc* S) {
+  std::fill(O, O + R * D, acc(0));
+  std::fill(m, m + R, -std::numeric_limits<acc>::infinity());
+  std::fill(l, l + R, acc(0));
+  for (int64_t c0 = k0; c0 < k1; c0 += kDecodeChunk) {
+    const int64_t chunk = std::min(kDecodeChunk, k1 - c0);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t n = std::clamp<int64_t>(visible[r] - c0, 0, chunk);
+      if (n == 0) continue;  // every key of the chunk is past this row's causal limit
+      acc* o = O + r * D;
+      chunk_scores(Q + r * D, K + c0 * D, V + c0 * D, n, D, r == 0, S);
+      const auto [mnew, sum] = online_exp_row(S, n, scale, m[r]);
+      const acc alpha = std::exp(m[r] - mnew);  // 0 for the first chunk (m = -inf)
+      l[r] = l[r] * alpha + sum;
+      m[r] = mnew;
+      if (alpha != acc(1)) scale_row(o, D, alpha);
+      if (drop.on) drop.apply(S, n, counter0 + static_cast<uint64_t>(r * Tk + c0));
+      chunk_pv(S, V + c0 * D, n, D, o);
+    }
+  }
+}
+
+// q: (B, H, R, D) in acc, R <= kDecodeRows; k, v: (B, H, Tk, D) in kv_t; out: like q (acc).
+template <typename acc, typename kv_t>
 void attention_decode_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             double scale_d, const DropoutMask& drop, at::Tensor& out,
+                             double scale_d, bool causal, const DropoutMask& drop, at::Tensor& out,
                              at::Tensor& lse) {
-  const int64_t BH = q.size(0) * q.size(1), Tk = k.size(2), D = q.size(3);
+  const int64_t BH = q.size(0) * q.size(1), R = q.size(2), Tk = k.size(2), D = q.size(3);
+  TORCH_INTERNAL_ASSERT(R >= 1 && R <= kDecodeRows);
   const acc scale = static_cast<acc>(scale_d), keep_scale = static_cast<acc>(drop.keep_scale);
   const acc* qp = q.const_data_ptr<acc>();
-  const acc* kp = k.const_data_ptr<acc>();
-  const acc* vp = v.const_data_ptr<acc>();
+  const kv_t* kp = k.const_data_ptr<kv_t>();
+  const kv_t* vp = v.const_data_ptr<kv_t>();
   acc* op = out.data_ptr<acc>();
   acc* lp = lse.data_ptr<acc>();
+  // Bottom-right-aligned causal mask: row r sees keys j <= r + Tk - R.
+  int64_t visible[kDecodeRows];
+  for (int64_t r = 0; r < R; ++r)
+    visible[r] = causal ? std::clamp<int64_t>(r + Tk - R + 1, 0, Tk) : Tk;
   // Split each batch·head's keys into ranges of at least 4 chunks when B·H alone leaves threads
   // idle (or unevenly loaded: 3 batch·heads on 2 threads).
   const int64_t splits = splits_for(BH, (Tk + 4 * kDecodeChunk - 1) / (4 * kDecodeChunk));
   const int64_t per_split = (Tk + splits - 1) / splits;
-  const int64_t nth = at::get_num_threads();
+  const int64_t nth = at::get_num_threads(), rows = BH * R;
   at::Tensor scratch = at::empty({nth, kDecodeChunk}, q.options());
   at::Tensor part_o, part_ml;
   if (splits > 1) {
-    part_o = at::empty({splits, BH, D}, q.options());
-    part_ml = at::empty({splits, 2, BH}, q.options());
+    part_o = at::empty({splits, rows, D}, q.options());
+    part_ml = at::empty({splits, 2, rows}, q.options());
   }
   at::parallel_for(0, BH * splits, 1, [&](int64_t begin, int64_t end) {
     acc* S = scratch.data_ptr<acc>() + at::get_thread_num() * kDecodeChunk;
+    acc m[kDecodeRows], l[kDecodeRows];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / splits, split = t % splits;
       const int64_t k0 = std::min(Tk, split * per_split), k1 = std::min(Tk, k0 + per_split);
-      const acc* K = kp + bh * Tk * D;
-      const acc* V = vp + bh * Tk * D;
-      const uint64_t counter0 = static_cast<uint64_t>(bh * Tk);  // flat index of (bh, 0, 0)
-      acc m, l;
+      const acc* Q = qp + bh * R * D;
+      const kv_t* K = kp + bh * Tk * D;
+      const kv_t* V = vp + bh * Tk * D;
+      const uint64_t counter0 = static_cast<uint64_t>(bh * R * Tk);  // flat index of (bh, 0, 0)
       if (splits == 1) {
-        decode_range(qp + bh * D, K, V, D, scale, drop, counter0, 0, Tk, op + bh * D, m, l, S);
-        finish_row(op + bh * D, m, l, D, keep_scale, lp + bh);
+        acc* O = op + bh * R * D;
+        decode_range(Q, R, visible, K, V, D, Tk, scale, drop, counter0, 0, Tk, O, m, l, S);
+        for (int64_t r = 0; r < R; ++r)
+          finish_row(O + r * D, m[r], l[r], D, keep_scale, lp + bh * R + r);
       } else {
-        acc* pm = part_ml.data_ptr<acc>() + split * 2 * BH;
-        decode_range(qp + bh * D, K, V, D, scale, drop, counter0, k0, k1,
-                     part_o.data_ptr<acc>() + (split * BH + bh) * D, m, l, S);
-        pm[bh] = m;
-        pm[BH + bh] = l;
+        acc* O = part_o.data_ptr<acc>() + (split * rows + bh * R) * D;
+        decode_range(Q, R, visible, K, V, D, Tk, scale, drop, counter0, k0, k1, O, m, l, S);
+        acc* pm = part_ml.data_ptr<acc>() + split * 2 * rows;
+        for (int64_t r = 0; r < R; ++r) {
+          pm[bh * R + r] = m[r];
+          pm[rows + bh * R + r] = l[r];
+        }
       }
     }
   });
   if (splits > 1)
-    combine_splits(part_o.const_data_ptr<acc>(), part_ml.const_data_ptr<acc>(), splits, BH, D,
+    combine_splits(part_o.const_data_ptr<acc>(), part_ml.const_data_ptr<acc>(), splits, rows, D,
                    keep_scale, op, lp);
 }
 
@@ -560,8 +623,8 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   acc* op = out.data_ptr<acc>();
   acc* lp = lse.data_ptr<acc>();
   const int64_t tasks = pb.BH * nqb;
-  // Short queries (a decode step) take wider key blocks in the same score scratch: fewer, longer
-  // block products for what is a memory-bound pass over K and V.
+  // Short queries (past the decode path's 8 rows: a chunked prefill) take wider key blocks in the
+  // same score scratch: fewer, longer block products for what is a memory-bound pass over K, V.
   const int64_t bk = std::clamp<int64_t>(kBlockQ * kBlockK / std::min(kBlockQ, pb.Tq), kBlockK,
                                          4096);
   const int64_t nkb = (pb.Tk + bk - 1) / bk;
@@ -863,23 +926,29 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const auto dt = q.scalar_type();
   const bool reduced = dt == at::kBFloat16 || dt == at::kHalf;
   const auto acc_t = dt == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor qa = q.to(acc_t), ka = k.to(acc_t), va = v.to(acc_t);  // no copy for fp32/fp64
+  at::Tensor qa = q.to(acc_t);  // no copy for fp32/fp64
   at::Tensor out = empty_output(q.sizes(), q.options().dtype(acc_t));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_t));
   const DropoutMask drop(dropout_p, seed_v, offset);
   if (q.numel() > 0 && k.size(2) > 0) {
-    // Tq = 1: the decode path (a bottom-right-aligned causal mask shows the one query every key).
-    const bool decode = q.size(2) == 1;
-    if (acc_t == at::kDouble) {
-      if (decode) {
-        attention_decode_kernel<double>(qa, ka, va, scale, drop, out, lse);
+    // A few query rows (a decode step): the decode path, which reads K and V as they are.
+    if (q.size(2) <= kDecodeRows) {
+      if (dt == at::kDouble) {
+        attention_decode_kernel<double, double>(qa, k, v, scale, is_causal, drop, out, lse);
+      } else if (dt == at::kBFloat16) {
+        attention_decode_kernel<float, c10::BFloat16>(qa, k, v, scale, is_causal, drop, out, lse);
+      } else if (dt == at::kHalf) {
+        attention_decode_kernel<float, c10::Half>(qa, k, v, scale, is_causal, drop, out, lse);
       } else {
-        attention_fwd_kernel<double>(qa, ka, va, scale, is_causal, drop, out, lse);
+        attention_decode_kernel<float, float>(qa, k, v, scale, is_causal, drop, out, lse);
       }
-    } else if (decode) {
-      attention_decode_kernel<float>(qa, ka, va, scale, drop, out, lse);
     } else {
-      attention_fwd_kernel<float>(qa, ka, va, scale, is_causal, drop, out, lse);
+      at::Tensor ka = k.to(acc_t), va = v.to(acc_t);
+      if (acc_t == at::kDouble) {
+        attention_fwd_kernel<double>(qa, ka, va, scale, is_causal, drop, out, lse);
+      } else {
+        attention_fwd_kernel<float>(qa, ka, va, scale, is_causal, drop, out, lse);
+      }
     }
   } else {
     out.zero_();

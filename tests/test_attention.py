@@ -308,7 +308,7 @@ def test_dropout_rate_and_scale():
 @pytest.mark.parametrize("causal", [False, True])
 # 1: the decode forward, then the general backward. (130, 150): rows longer than the mask's
 # 64-counter chunks in the forward (keys) and in the backward (queries), with tails.
-@pytest.mark.parametrize("tq,tk", [(37, 48), (1, 48), (130, 150)], ids=str)
+@pytest.mark.parametrize("tq,tk", [(37, 48), (1, 48), (3, 48), (8, 300), (130, 150)], ids=str)
 def test_dropout_gradients_use_the_forwards_mask(isa, causal, tq, tk):
     with run_on(isa):
         b, h, p, seed = 2, 2, 0.25, 7
@@ -414,6 +414,40 @@ def test_decode_other_dtypes_and_grads(dtype):
         assert_close(out, out_t.to(dtype), dtype)
         for g, e in zip(grads(out, (q, k, v), dout), grads(out_t, (qh, kh, vh), dout.to(hi))):
             assert_close(g, e.to(dtype), dtype)
+
+
+# (Tq, Tk): the decode path takes up to 8 query rows (a folded GQA group, speculative decoding);
+# causal rows see different key ranges (Tq > Tk: the first rows see none), and long caches split
+# the keys over the threads.
+SHORT_Q = [(2, 1), (3, 17), (8, 5), (8, 1023), (5, 8193)]
+
+
+@pytest.mark.parametrize("tq,tk", SHORT_Q, ids=str)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str
+)
+def test_decode_path_takes_a_few_query_rows(backend, tq, tk, dtype):
+    if dtype != torch.float32 and tk > 2000 and backend == "reference":
+        pytest.skip("the reference's (Tq, Tk) scores at this length: fp32 covers it")
+    for b, h in ((1, 1), (2, 3)):
+        q, k, v = qkv(b, h, tq, tk, 80, dtype, seed=tq + tk)
+        dout = make(q.shape, dtype, 5, False)
+        hi = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+        qh, kh, vh = (t.detach().to(hi).requires_grad_() for t in (q, k, v))
+        for causal in (False, True):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            assert out.dtype == dtype and out.shape == q.shape
+            want = reference.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
+            assert_close(out, want.to(dtype), dtype)
+            if not causal or tq <= tk:  # torch gives NaN for a row that sees no key
+                mask = reference.causal_mask(tq, tk) if causal else None
+                t_out = TF.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+                assert_close(out, t_out.to(dtype), dtype)
+            if b == 2 and dtype in (torch.float32, torch.bfloat16):
+                for g, e in zip(
+                    grads(out, (q, k, v), dout), grads(want, (qh, kh, vh), dout.to(hi))
+                ):
+                    assert_close(g, e.to(dtype), dtype)
 
 
 def test_decode_step_long_cache():

@@ -244,15 +244,28 @@ inline void scale_row(acc* row, int64_t n, acc s) {
   for (; j < n; ++j) row[j] *= s;
 }
 
-template <typename acc>
-inline acc dot(const acc* a, const acc* b, int64_t n) {
+// Vectorized<acc>::size() consecutive values as acc (bf16/fp16 widened in registers).
+template <typename acc, typename T>
+inline Vectorized<acc> load_as(const T* p) {
+  if constexpr (std::is_same_v<acc, T>) {
+    return Vectorized<acc>::loadu(p);
+  } else {
+    Vectorized<float> out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+// a·b over n values; b in acc or, for the decode path's K rows, in the storage dtype.
+template <typename acc, typename T>
+inline acc dot(const acc* a, const T* b, int64_t n) {
   using Vec = Vectorized<acc>;
   Vec vs(0);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size())
-    vs = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), vs);
+    vs = at::vec::fmadd(Vec::loadu(a + j), load_as<acc>(b + j), vs);
   acc s = hsum(vs);
-  for (; j < n; ++j) s += a[j] * b[j];
+  for (; j < n; ++j) s += a[j] * static_cast<acc>(b[j]);
   return s;
 }
 
@@ -393,30 +406,6 @@ void combine_splits(const acc* po, const acc* pm, int64_t splits, int64_t rows, 
 // step (a 16 MB bf16 cache: 3x its bytes moved, and two fresh 32 MB buffers a call).
 constexpr int64_t kDecodeRows = 8;
 
-// Vectorized<acc>::size() consecutive K/V values as acc.
-template <typename acc, typename kv_t>
-inline Vectorized<acc> load_kv(const kv_t* p) {
-  if constexpr (std::is_same_v<acc, kv_t>) {
-    return Vectorized<acc>::loadu(p);
-  } else {
-    Vectorized<float> out;
-    at::vec::load_to_float(p, out);
-    return out;
-  }
-}
-
-template <typename acc, typename kv_t>
-inline acc dot_kv(const acc* q, const kv_t* k, int64_t n) {
-  using Vec = Vectorized<acc>;
-  Vec vs(0);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size())
-    vs = at::vec::fmadd(Vec::loadu(q + j), load_kv<acc>(k + j), vs);
-  acc s = hsum(vs);
-  for (; j < n; ++j) s += q[j] * static_cast<acc>(k[j]);
-  return s;
-}
-
 // The horizontal sums of four vectors. On AVX-512 fp32 they are folded together (two unpack and
 // two shuffle levels shared by the four, then the four 128-bit lanes) instead of four separate
 // reductions: about a third of the shuffles, which is what the dot products of a cached decode
@@ -473,10 +462,10 @@ inline void chunk_scores(const acc* q, const kv_t* K, const kv_t* V, int64_t n, 
     Vec a0(0), a1(0), a2(0), a3(0);
     for (int64_t d = 0; d < dv; d += L) {
       const Vec qv = Vec::loadu(q + d);
-      a0 = at::vec::fmadd(qv, load_kv<acc>(k_0 + d), a0);
-      a1 = at::vec::fmadd(qv, load_kv<acc>(k_0 + D + d), a1);
-      a2 = at::vec::fmadd(qv, load_kv<acc>(k_0 + 2 * D + d), a2);
-      a3 = at::vec::fmadd(qv, load_kv<acc>(k_0 + 3 * D + d), a3);
+      a0 = at::vec::fmadd(qv, load_as<acc>(k_0 + d), a0);
+      a1 = at::vec::fmadd(qv, load_as<acc>(k_0 + D + d), a1);
+      a2 = at::vec::fmadd(qv, load_as<acc>(k_0 + 2 * D + d), a2);
+      a3 = at::vec::fmadd(qv, load_as<acc>(k_0 + 3 * D + d), a3);
     }
     acc s0, s1, s2, s3;
     hsum4(a0, a1, a2, a3, s0, s1, s2, s3);
@@ -491,7 +480,7 @@ inline void chunk_scores(const acc* q, const kv_t* K, const kv_t* V, int64_t n, 
     S[j + 2] = s2;
     S[j + 3] = s3;
   }
-  for (; j < n; ++j) S[j] = dot_kv(q, K + j * D, D);
+  for (; j < n; ++j) S[j] = dot(q, K + j * D, D);
 }
 
 // O (D values) += Σ_i S[i] V_i over n rows of V, O's lanes held in registers when D <= 8
@@ -508,7 +497,7 @@ inline void chunk_pv(const acc* S, const kv_t* V, int64_t n, int64_t D, acc* O) 
     for (int64_t i = 0; i < n; ++i) {
       const Vec p(S[i]);
       const kv_t* vr = V + i * D;
-      for (int64_t t = 0; t < nv; ++t) o[t] = at::vec::fmadd(p, load_kv<acc>(vr + t * L), o[t]);
+      for (int64_t t = 0; t < nv; ++t) o[t] = at::vec::fmadd(p, load_as<acc>(vr + t * L), o[t]);
     }
     for (int64_t t = 0; t < nv; ++t) o[t].store(O + t * L);
     return;
@@ -517,7 +506,7 @@ inline void chunk_pv(const acc* S, const kv_t* V, int64_t n, int64_t D, acc* O) 
     const Vec p(S[i]);
     const kv_t* vr = V + i * D;
     int64_t d = 0;
-    for (; d < dv; d += L) at::vec::fmadd(p, load_kv<acc>(vr + d), Vec::loadu(O + d)).store(O + d);
+    for (; d < dv; d += L) at::vec::fmadd(p, load_as<acc>(vr + d), Vec::loadu(O + d)).store(O + d);
     for (; d < D; ++d) O[d] += S[i] * static_cast<acc>(vr[d]);
   }
 }

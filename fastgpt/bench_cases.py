@@ -352,55 +352,43 @@ def _attention_dropout(shape, dtype, device):
 @case_builder("attention_gqa")
 def _attention_gqa(shape, dtype, device):
     b, hq, hk, tq, tk, d = shape
-    if tq not in (1, tk) or hq % hk:
-        raise ValueError("attention_gqa cases are Tq == Tk or Tq == 1, with Hkv dividing Hq")
-    q = _randn((b, hq, tq, d), dtype, device)
-    k = _randn((b, hk, tk, d), dtype, device, seed=1)
-    v = _randn((b, hk, tk, d), dtype, device, seed=2)
-    torch_causal = tq == tk  # torch's is_causal is top-left aligned (see _attention_case)
-    forwards = {
-        "fastgpt": lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=True
-        ),
-        "eager": lambda q, k, v: TF.scaled_dot_product_attention(
-            q, k, v, is_causal=torch_causal, enable_gqa=True
-        ),
-    }
-    elt = q.element_size()
-    flops = 4.0 * b * hq * tq * tk * d * (0.5 if torch_causal else 1.0)
-    io = float((2 * b * hq * tq * d + 2 * b * hk * tk * d) * elt)
-    return Built((q, k, v), forwards, flops, io, 2.5 * flops, 2.0 * io)
+    if hq % hk:
+        raise ValueError("attention_gqa cases need Hkv dividing Hq")
+    return _attention_case((b, hq, tq, tk, d), dtype, device, dropout_p=0.0, kv_heads=hk)
 
 
-def _attention_case(shape, dtype, device, dropout_p):
+def _attention_case(shape, dtype, device, dropout_p, kv_heads=None):
+    """shape (B, H, Tq, Tk, D); kv_heads: key/value heads when fewer than H (enable_gqa)."""
     b, h, tq, tk, d = shape
+    hk = h if kv_heads is None else kv_heads
     if tq not in (1, tk):
         raise ValueError("attention cases are Tq == Tk (training) or Tq == 1 (decode)")
     q = _randn((b, h, tq, d), dtype, device)
-    k = _randn((b, h, tk, d), dtype, device, seed=1)
-    v = _randn((b, h, tk, d), dtype, device, seed=2)
+    k = _randn((b, hk, tk, d), dtype, device, seed=1)
+    v = _randn((b, hk, tk, d), dtype, device, seed=2)
     # torch's is_causal is top-left aligned; a single query against a cache sees every key.
     torch_causal = tq == tk
+    gqa = hk != h
     forwards = {
         "fastgpt": lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=True
+            q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
         ),
         "eager": lambda q, k, v: TF.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=torch_causal
+            q, k, v, dropout_p=dropout_p, is_causal=torch_causal, enable_gqa=gqa
         ),
     }
-    if not dropout_p:
-        forwards["naive"] = naive_attention
     skip = {}
-    naive_gb = 8 * b * h * tq * tk * 4 / 1e9
-    if not dropout_p and naive_gb > NAIVE_MAX_GB:
-        skip["naive"] = (
-            f"naive attention would hold ~{naive_gb:.0f} GB of (B, H, Tq, Tk) scores and their "
-            f"gradients at this shape (limit {NAIVE_MAX_GB:.0f} GB)"
-        )
+    if not dropout_p and not gqa:
+        forwards["naive"] = naive_attention
+        naive_gb = 8 * b * h * tq * tk * 4 / 1e9
+        if naive_gb > NAIVE_MAX_GB:
+            skip["naive"] = (
+                f"naive attention would hold ~{naive_gb:.0f} GB of (B, H, Tq, Tk) scores and "
+                f"their gradients at this shape (limit {NAIVE_MAX_GB:.0f} GB)"
+            )
     elt = q.element_size()
     flops = 4.0 * b * h * tq * tk * d * (0.5 if torch_causal else 1.0)
-    io = float((2 * b * h * tq * d + 2 * b * h * tk * d) * elt)
+    io = float((2 * b * h * tq * d + 2 * b * hk * tk * d) * elt)
     return Built((q, k, v), forwards, flops, io, 2.5 * flops, 2.0 * io, skip)
 
 

@@ -372,24 +372,24 @@ def scaled_dot_product_attention(
     costs Hq / Hkv - 1 more copies of key and value; the backward sums them back.
     """
     _check_attention_args(query, key, value, dropout_p)
+    out_shape = None  # set when the query groups are folded: the shape to unfold to
     if enable_gqa:
         group = _gqa_group(query, key, value)
         if group > 1:
             *lead, h_q, t_q, d = query.shape
             if attn_mask is None and (not is_causal or t_q == 1) and tuple(lead) == key.shape[:-3]:
-                folded = query.reshape(*lead, h_q // group, group * t_q, d)
-                out = scaled_dot_product_attention(
-                    folded, key, value, None, dropout_p, False, scale
-                )
-                return out.reshape(*lead, h_q, t_q, value.shape[-1])
-            key = key.repeat_interleave(group, dim=-3)
-            value = value.repeat_interleave(group, dim=-3)
+                out_shape = (*lead, h_q, t_q, value.shape[-1])
+                query = query.reshape(*lead, h_q // group, group * t_q, d)
+                is_causal = False  # a single query (t_q == 1) sees every key either way
+            else:
+                key = key.repeat_interleave(group, dim=-3)
+                value = value.repeat_interleave(group, dim=-3)
     out = _attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
     if out is None:
-        return reference.scaled_dot_product_attention(
+        out = reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale
         )
-    return out
+    return out if out_shape is None else out.reshape(out_shape)
 
 
 def _check_attention_args(query, key, value, dropout_p):

@@ -66,6 +66,7 @@ FULL = [
     ("attention", (1, 12, 1, 8192, 64), BOTH, ["fwd"]),
     ("attention_dropout", (2, 12, 1024, 1024, 64), FP32, ["fwd+bwd"]),
     ("attention_gqa", (1, 32, 8, 1, 4096, 128), BOTH, ["fwd"]),
+    ("attention_gqa", (1, 32, 8, 4, 4096, 128), BOTH, ["fwd"]),
     ("attention_gqa", (2, 12, 4, 1024, 1024, 64), FP32, ["fwd+bwd"]),
 ]
 # Quick mode leaves out torch's chunked linear_cross_entropy: on CPU it runs 10-15x slower than the

@@ -313,10 +313,11 @@ def _linear_cross_entropy(shape, dtype, device):
 
 
 # ---- attention ------------------------------------------------------------------------------
-# shape (B, H, Tq, Tk, D), causal; Tq == Tk (training) or Tq == 1 (a decode step against a
-# cache of Tk keys). FLOPs: QK^T and PV, halved by the causal mask at Tq == Tk; the backward
-# does 2.5 times the forward's (five matmuls to two). Bytes: read q, k, v, write o; the
-# backward reads those and dO and writes dq, dk, dv.
+# shape (B, H, Tq, Tk, D), causal (bottom-right aligned); Tq == Tk (training), Tq == 1 (a decode
+# step against a cache of Tk keys) or between (a few new tokens against a cache: speculative or
+# chunked decoding). FLOPs: QK^T and PV over the keys the causal mask leaves (half of them at
+# Tq == Tk); the backward does 2.5 times the forward's (five matmuls to two). Bytes: read q, k,
+# v, write o; the backward reads those and dO and writes dq, dk, dv.
 
 # The naive module keeps about eight (B, H, Tq, Tk) fp32 tensors alive in fwd+bwd (scores,
 # mask, softmax, and their gradients); past this many GB it is not run (8 GB at T=4096, H=12).
@@ -347,8 +348,9 @@ def _attention_dropout(shape, dtype, device):
 
 # Grouped-query attention, shape (B, Hq, Hkv, Tq, Tk, D): Hq query heads share Hkv key/value
 # heads (torch's enable_gqa). Tq == 1 is a decode step (Llama-3-8B's 32 / 8 heads of 128 against
-# a long cache), where fastgpt folds each group's queries onto their head; Tq == Tk is a causal
-# prefill or training step, where it repeats the key/value heads first.
+# a long cache), where fastgpt folds each group's queries onto their head; Tq > 1 is causal
+# (a prefill or training step at Tq == Tk, a few new tokens against a cache below it), which the
+# CPU kernels run once per member of each group, reading the shared heads in place.
 @case_builder("attention_gqa")
 def _attention_gqa(shape, dtype, device):
     b, hq, hk, tq, tk, d = shape
@@ -361,20 +363,25 @@ def _attention_case(shape, dtype, device, dropout_p, kv_heads=None):
     """shape (B, H, Tq, Tk, D); kv_heads: key/value heads when fewer than H (enable_gqa)."""
     b, h, tq, tk, d = shape
     hk = h if kv_heads is None else kv_heads
-    if tq not in (1, tk):
-        raise ValueError("attention cases are Tq == Tk (training) or Tq == 1 (decode)")
+    if not 1 <= tq <= tk:
+        raise ValueError("attention cases have 1 <= Tq <= Tk (a causal step against Tk keys)")
     q = _randn((b, h, tq, d), dtype, device)
     k = _randn((b, hk, tk, d), dtype, device, seed=1)
     v = _randn((b, hk, tk, d), dtype, device, seed=2)
-    # torch's is_causal is top-left aligned; a single query against a cache sees every key.
+    # torch's is_causal is top-left aligned: the same as fastgpt's at Tq == Tk, and a single
+    # query against a cache sees every key. In between, eager gets the bottom-right mask spelled
+    # out, as a torch user writes it for speculative decoding.
     torch_causal = tq == tk
+    mask = None
+    if 1 < tq < tk:
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)
     gqa = hk != h
     forwards = {
         "fastgpt": lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
         ),
         "eager": lambda q, k, v: TF.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=torch_causal, enable_gqa=gqa
+            q, k, v, mask, dropout_p=dropout_p, is_causal=torch_causal, enable_gqa=gqa
         ),
     }
     skip = {}
@@ -387,7 +394,10 @@ def _attention_case(shape, dtype, device, dropout_p, kv_heads=None):
                 f"their gradients at this shape (limit {NAIVE_MAX_GB:.0f} GB)"
             )
     elt = q.element_size()
-    flops = 4.0 * b * h * tq * tk * d * (0.5 if torch_causal else 1.0)
+    # The fraction of (query, key) pairs the causal mask leaves: 1/2 in training (by convention,
+    # not (Tk + 1) / 2Tk), all for a single query, the exact count in between.
+    visible = 0.5 if tq == tk else (tq * (tk - tq) + tq * (tq + 1) / 2) / (tq * tk)
+    flops = 4.0 * b * h * tq * tk * d * visible
     io = float((2 * b * h * tq * d + 2 * b * hk * tk * d) * elt)
     return Built((q, k, v), forwards, flops, io, 2.5 * flops, 2.0 * io, skip)
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastgpt.functional as F
-from fastgpt import _cpu, reference
+from fastgpt import _backend, _cpu, reference
 from fastgpt.ops.attention import AttentionFunction
 
 BEST = f"cpu-{_cpu.supported_isas()[-1]}" if _cpu.supported_isas() else None
@@ -495,13 +495,16 @@ def test_t8192_bounded_memory():
 
 # ---- grouped-query attention (enable_gqa) --------------------------------------------------------
 
-# (B, Hq, Hkv, Tq, Tk, D, causal): folded (not causal; a decode step), repeated (causal prefill,
-# Tq != Tk), one shared head (multi-query), and the kernel's odd T and head dims.
+# (B, Hq, Hkv, Tq, Tk, D, causal): folded (not causal; a decode step), causal prefill (Tq == Tk
+# and Tq != Tk: one call per group member on the CPU kernels, repeated heads elsewhere), a few
+# causal rows against a longer cache (the decode path, per group member), one shared head
+# (multi-query), and the kernel's odd T and head dims.
 GQA_CASES = [
     (2, 6, 2, 17, 17, 16, False),
     (1, 4, 1, 1, 100, 64, True),
     (2, 6, 3, 17, 17, 80, True),
     (1, 8, 2, 100, 130, 64, True),
+    (1, 8, 2, 4, 300, 64, True),
     (1, 4, 4, 5, 9, 16, True),
 ]
 
@@ -565,25 +568,46 @@ def test_gqa_on_the_triton_kernels(causal, monkeypatch):
         assert_close(g, e, torch.float32)
 
 
-def test_gqa_folds_queries_instead_of_copying_the_cache(monkeypatch):
-    """A decode step (and any non-causal call) reads the shared key/value heads in place; only a
-    causal prefill, where a query's visible keys depend on its position, repeats them."""
-    calls = []
+def test_gqa_reads_the_shared_heads_in_place(monkeypatch):
+    """The CPU kernels never see a repeated key/value cache: a decode step and any non-causal
+    call fold each group's queries onto its head (one call), and a causal call with Tq > 1 runs
+    once per group member, query heads g, g + group, ... against the heads as they are. The
+    reference backend repeats them (it is the plain-PyTorch oracle)."""
+    repeats, kernel_shapes = [], []
     original = torch.Tensor.repeat_interleave
 
     def counting(self, *args, **kwargs):
-        calls.append(self.shape)
+        repeats.append(self.shape)
         return original(self, *args, **kwargs)
 
+    kernel = _backend.kernel
+
+    def recording_kernel(module, op, *args):
+        fn = kernel(module, op, *args)
+        if op != "attention_fwd":
+            return fn
+
+        def fwd(q, k, *rest):
+            kernel_shapes.append((tuple(q.shape), tuple(k.shape)))
+            return fn(q, k, *rest)
+
+        return fwd
+
     monkeypatch.setattr(torch.Tensor, "repeat_interleave", counting)
-    with run_on(BEST):
+    monkeypatch.setattr(_backend, "kernel", recording_kernel)
+    with run_on(BEST), torch.no_grad():
         q, k, v = gqa_inputs(1, 8, 2, 1, 300, 64, torch.float32)
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         q, k, v = gqa_inputs(1, 8, 2, 9, 30, 64, torch.float32)
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        assert calls == []
+        assert kernel_shapes == [((1, 2, 4, 64), (1, 2, 300, 64)), ((1, 2, 36, 64), (1, 2, 30, 64))]
+        kernel_shapes.clear()
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    assert len(calls) == 2  # key and value
+        assert kernel_shapes == [((1, 2, 9, 64), (1, 2, 30, 64))] * 4  # one per group member
+    assert repeats == []
+    with run_on("reference"):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert len(repeats) == 2  # key and value
 
 
 def test_gqa_with_a_mask_or_dropout():
@@ -601,9 +625,26 @@ def test_gqa_with_a_mask_or_dropout():
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True)
         torch.manual_seed(3)
         b = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True)
+        # causal: one call per group member on the CPU kernels, each drawing its own seed
+        torch.manual_seed(3)
+        c = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True, enable_gqa=True)
+        torch.manual_seed(3)
+        d = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True, enable_gqa=True)
     assert torch.equal(a, b) and a.shape == q.shape
+    assert torch.equal(c, d) and c.shape == q.shape
     no_drop = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     assert not torch.allclose(a, no_drop)
+    no_drop = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert not torch.allclose(c, no_drop)
+    # the members' masks differ: heads g and g + 1 of one key/value head drop different entries
+    # (same queries and keys, so without dropout their outputs would be equal)
+    q_same = q[:, :1].expand(-1, 6, -1, -1).contiguous()
+    with run_on(BEST):
+        torch.manual_seed(3)
+        e = F.scaled_dot_product_attention(
+            q_same, k, v, dropout_p=0.3, is_causal=True, enable_gqa=True
+        )
+    assert not torch.allclose(e[:, 0], e[:, 1])
 
 
 def test_gqa_argument_errors():

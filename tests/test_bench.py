@@ -138,11 +138,18 @@ def test_unknown_op_is_refused_with_the_list():
         bench.main(["--ops", "nope"])
 
 
-def test_attention_gqa_decode_case_agrees():
-    """The decode form (Tq = 1, where fastgpt folds the query groups) gives torch's result."""
-    case = bench_cases.make_case("attention_gqa", (2, 8, 2, 1, 40, 16), torch.float32, "fwd")
+@pytest.mark.parametrize("t_q", [1, 3], ids=["decode", "speculative"])
+def test_attention_gqa_decode_case_agrees(t_q):
+    """The decode forms give torch's result: Tq = 1 (fastgpt folds the query groups) and a few
+    causal rows against the cache (eager given the bottom-right mask, fastgpt per group member);
+    the FLOPs count the keys the mask leaves."""
+    case = bench_cases.make_case("attention_gqa", (2, 8, 2, t_q, 40, 16), torch.float32, "fwd")
     want = case.calls["eager"]()
     for name in ("fastgpt", "compile"):
         torch.testing.assert_close(case.calls[name](), want, rtol=1e-4, atol=1e-5, msg=name)
+    visible = 40 if t_q == 1 else 38 + 39 + 40
+    assert case.flops == pytest.approx(4.0 * 2 * 8 * visible * 16)
     with pytest.raises(ValueError, match="Hkv dividing Hq"):
         bench_cases.make_case("attention_gqa", (1, 6, 4, 1, 8, 16), torch.float32, "fwd")
+    with pytest.raises(ValueError, match="1 <= Tq <= Tk"):
+        bench_cases.make_case("attention_gqa", (1, 8, 2, 9, 8, 16), torch.float32, "fwd")

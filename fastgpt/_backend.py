@@ -95,6 +95,19 @@ def fallback(op: str, reason: str) -> None:
         log.info("fastgpt.%s runs the reference implementation: %s", op, reason)
 
 
+def apply(function, *args):
+    """``function.apply(*args)`` where autograd has to record the call (grad mode on and a
+    tensor argument that requires grad), else ``function.infer(*args)``: the forward's ops
+    called directly. An autograd Function's bookkeeping costs ~4 us a call, more than a small
+    op's kernel (a LayerNorm of one 768-wide row, a decode step's GELU), and inference keeps
+    nothing for a backward."""
+    if torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args
+    ):
+        return function.apply(*args)
+    return function.infer(*args)
+
+
 def kernel(module: str, op: str, backend: str, device: torch.device):
     """The callable for one forward/backward kernel of an op.
 

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 
 from fastgpt import _backend, reference
-from fastgpt.ops._linear import linear_forward
 from fastgpt.ops.attention import AttentionFunction
 from fastgpt.ops.cross_entropy import REDUCTIONS, CrossEntropyFunction
 from fastgpt.ops.gelu import GeluFunction, GeluLinearFunction
@@ -68,12 +67,7 @@ def linear(
     if why:
         _backend.fallback("linear", why)
         return torch.nn.functional.linear(input, weight, bias)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
-    ):
-        return LinearFunction.apply(input, weight, bias, backend)
-    # Inference: the op directly, without the autograd Function's per-call bookkeeping.
-    return linear_forward(input, weight, bias, backend)
+    return _backend.apply(LinearFunction, input, weight, bias, backend)
 
 
 def _check_layer_norm_args(name, input, normalized_shape, weight, bias, residual=None):
@@ -107,11 +101,20 @@ def _layer_norm(name, input, residual, shape, weight, bias, eps):
     if why:
         _backend.fallback(name, why)
         return None
-    x2 = input.reshape(-1, n).contiguous()
-    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
-    w = None if weight is None else weight.reshape(n).contiguous()
-    b = None if bias is None else bias.reshape(n).contiguous()
-    out = LayerNormFunction.apply(x2, r2, w, b, float(eps), backend)
+    # Reshapes only where they change something: each costs ~1 us, as much as the kernel of a
+    # decode step's one 768-wide row.
+    rows_already = input.dim() == 2 and input.shape[1] == n
+    x2, r2 = (
+        None if t is None else (t if rows_already else t.reshape(-1, n)).contiguous()
+        for t in (input, residual)
+    )
+    w, b = (
+        None if t is None else (t if t.dim() == 1 else t.reshape(n)).contiguous()
+        for t in (weight, bias)
+    )
+    out = _backend.apply(LayerNormFunction, x2, r2, w, b, float(eps), backend)
+    if rows_already:
+        return out
     if residual is None:
         return out.view(input.shape)
     y, summed = out
@@ -190,7 +193,7 @@ def _layer_norm_linear(name, input, residual, normalized_shape, weight, bias, lw
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     w = None if weight is None else weight.contiguous()
     b = None if bias is None else bias.contiguous()
-    out = LayerNormLinearFunction.apply(x2, r2, w, b, float(eps), lw, lb, backend)
+    out = _backend.apply(LayerNormLinearFunction, x2, r2, w, b, float(eps), lw, lb, backend)
     out_shape = (*input.shape[:-1], lw.shape[0])
     if residual is None:
         return out.view(out_shape)
@@ -287,7 +290,7 @@ def _gelu(name, input, bias, approximate):
         _backend.fallback(name, why)
         return None
     b = None if bias is None else bias.contiguous()
-    return GeluFunction.apply(input.contiguous(), b, approximate, backend)
+    return _backend.apply(GeluFunction, input.contiguous(), b, approximate, backend)
 
 
 def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -340,7 +343,7 @@ def bias_gelu_linear(
         return torch.nn.functional.linear(g, weight, linear_bias)
     b = None if bias is None else bias.contiguous()
     x = input.contiguous()
-    return GeluLinearFunction.apply(x, b, weight, linear_bias, approximate, backend)
+    return _backend.apply(GeluLinearFunction, x, b, weight, linear_bias, approximate, backend)
 
 
 # ---- attention (kernel path: fastgpt/ops/attention.py) ----------------------------------------
@@ -491,15 +494,9 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
         # Always a CPU tensor from the CPU generator, whatever torch's default device is (the
         # kernels read it on the host; a CUDA seed would make the Triton launcher sync).
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out = AttentionFunction.apply(
-            q, k, v, scale, bool(is_causal), float(dropout_p), seed, 0, backend
-        )
-    else:
-        # Inference (a decode step is ~0.1-1 ms): the op directly, without the autograd
-        # Function's bookkeeping, which costs tens of microseconds a call.
-        fwd = _backend.kernel("attention", "attention_fwd", backend, q.device)
-        out = fwd(q, k, v, scale, bool(is_causal), float(dropout_p), seed, 0)[0]
+    out = _backend.apply(
+        AttentionFunction, q, k, v, scale, bool(is_causal), float(dropout_p), seed, 0, backend
+    )
     return out if query.dim() == 4 else out.view(query.shape)
 
 
@@ -549,7 +546,8 @@ def cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing
         )
     logits, tgt, shape = picked
-    loss = CrossEntropyFunction.apply(
+    loss = _backend.apply(
+        CrossEntropyFunction,
         logits.contiguous(),
         tgt.contiguous(),
         int(ignore_index),

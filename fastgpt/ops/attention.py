@@ -64,6 +64,13 @@ class AttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    def infer(q, k, v, scale, is_causal, dropout_p, seed, offset, backend):
+        """The forward without autograd (see _backend.apply): a decode step is ~0.1-1 ms, and
+        the Function's bookkeeping would cost tens of microseconds of it."""
+        fwd = _backend.kernel("attention", "attention_fwd", backend, q.device)
+        return fwd(q, k, v, scale, is_causal, dropout_p, seed, offset)[0]
+
+    @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, seed = ctx.saved_tensors
         bwd = _backend.kernel("attention", "attention_bwd", ctx.backend, q.device)

@@ -134,6 +134,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    def infer(logits, target, ignore_index, label_smoothing, reduction, backend):
+        """The forward without autograd (see _backend.apply): no gradient is written."""
+        fwd = _backend.kernel("cross_entropy", "cross_entropy_fwd", backend, logits.device)
+        return fwd(logits, target, ignore_index, label_smoothing, reduction, False)[0]
+
+    @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         (grad,) = scale_saved_grads(ctx, [grad], grad_output)

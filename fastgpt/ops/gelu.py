@@ -34,17 +34,25 @@ def _(dy, x, bias, approximate, bias_grad):
     return torch.empty_like(x), x.new_empty(bias.shape[0] if bias_grad else 0)
 
 
+def _gelu(x, bias, approximate, backend):
+    return _backend.kernel("gelu", "gelu_fwd", backend, x.device)(x, bias, approximate)
+
+
 class GeluFunction(torch.autograd.Function):
     """gelu(x + bias) over a contiguous x; bias (C,) or None."""
 
     @staticmethod
     def forward(ctx, x, bias, approximate, backend):
-        fwd = _backend.kernel("gelu", "gelu_fwd", backend, x.device)
-        y = fwd(x, bias, approximate)
+        y = _gelu(x, bias, approximate, backend)
         ctx.save_for_backward(x, bias)
         ctx.approximate = approximate
         ctx.backend = backend
         return y
+
+    @staticmethod
+    def infer(x, bias, approximate, backend):
+        """The forward without autograd (see _backend.apply)."""
+        return _gelu(x, bias, approximate, backend)
 
     @staticmethod
     def backward(ctx, dy):
@@ -67,8 +75,7 @@ class GeluLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, weight, linear_bias, approximate, backend):
-        fwd = _backend.kernel("gelu", "gelu_fwd", backend, x.device)
-        y = linear_forward(fwd(x, bias, approximate), weight, linear_bias, backend)
+        y = linear_forward(_gelu(x, bias, approximate, backend), weight, linear_bias, backend)
         ctx.save_for_backward(x, bias, weight)
         ctx.approximate = approximate
         ctx.backend = backend
@@ -76,13 +83,17 @@ class GeluLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    def infer(x, bias, weight, linear_bias, approximate, backend):
+        """The forward without autograd (see _backend.apply)."""
+        return linear_forward(_gelu(x, bias, approximate, backend), weight, linear_bias, backend)
+
+    @staticmethod
     def backward(ctx, dy):
         x, bias, weight = ctx.saved_tensors
         need_x, need_bias, need_weight, need_linear_bias = ctx.needs_input_grad[:4]
 
         def gelu_output():  # recomputed, bit for bit the forward's
-            fwd = _backend.kernel("gelu", "gelu_fwd", ctx.backend, x.device)
-            return fwd(x, bias, ctx.approximate).reshape(-1, x.shape[-1])
+            return _gelu(x, bias, ctx.approximate, ctx.backend).reshape(-1, x.shape[-1])
 
         dg, dweight, dlinear_bias = linear_backward(
             dy,

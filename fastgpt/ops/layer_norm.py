@@ -106,6 +106,12 @@ class LayerNormFunction(torch.autograd.Function):
         return (y, normed) if ctx.fused else y
 
     @staticmethod
+    def infer(x, residual, weight, bias, eps, backend):
+        """The forward without autograd (see _backend.apply)."""
+        y, normed, _, _ = _normalize(x, residual, weight, bias, eps, backend)
+        return y if residual is None else (y, normed)
+
+    @staticmethod
     def backward(ctx, dy, dsummed=None):
         normed, mean, rstd, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -142,6 +148,13 @@ class LayerNormLinearFunction(torch.autograd.Function):
         ctx.backend = backend
         ctx.set_materialize_grads(False)
         return (out, normed) if ctx.fused else out
+
+    @staticmethod
+    def infer(x, residual, weight, bias, eps, linear_weight, linear_bias, backend):
+        """The forward without autograd (see _backend.apply)."""
+        y, normed, _, _ = _normalize(x, residual, weight, bias, eps, backend)
+        out = linear_forward(y, linear_weight, linear_bias, backend)
+        return out if residual is None else (out, normed)
 
     @staticmethod
     def backward(ctx, dout, dsummed=None):

@@ -450,6 +450,25 @@ def test_decode_path_takes_a_few_query_rows(backend, tq, tk, dtype):
                     assert_close(g, e.to(dtype), dtype)
 
 
+@pytest.mark.parametrize("isa", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_decode_path_register_blocks(isa, dtype):
+    """Every row count of the decode path's register blocks (1..8 rows: whole blocks and a
+    remainder) with head dims that leave whole output tiles, a short tile and scalar lanes
+    (16, 17, 48, 112), over two key chunks and a ragged third (Tk 600)."""
+    hi = torch.float64 if dtype != torch.bfloat16 else torch.float32
+    with run_on(isa):
+        for tq in range(1, 9):
+            for d in (16, 17, 48, 112):
+                q, k, v = qkv(1, 2, tq, 600, d, dtype, seed=tq * d, requires_grad=False)
+                for causal in (False, True):
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    want = reference.scaled_dot_product_attention(
+                        *(t.to(hi) for t in (q, k, v)), is_causal=causal
+                    )
+                    assert_close(out, want.to(dtype), dtype)
+
+
 def test_decode_step_long_cache():
     with run_on(BEST):
         q, k, v = qkv(1, 1, 1, 5000, 64, torch.float32)

@@ -13,6 +13,131 @@
 namespace fastgpt {
 namespace {
 
+using at::vec::Vectorized;
+
+// ---- a few rows times a weight: the products of a decode step -----------------------------------
+//
+// out (m x n) = a (m x k) · wᵀ [+ bias] for m <= kSkinnyRows, w (n x k) row-major: F.linear at
+// batch size 1-4 of a decode step. Such a product is a matrix-vector product, bound by reading w
+// once; there is nothing to block for. MKL's sgemv ran GPT-2's logits (50257 x 768, 154 MB) at 17
+// GB/s on this project's 2-core Zen 5 machine, a third of what the memory gives (a copy of the
+// same bytes: 46 GB/s read + write), and its 768-3072 wide layers (in L3) at ~80 GB/s; this loop
+// ran 57 GB/s and ~200 GB/s. Every weight row is read once, from memory, for the m input rows:
+// a register block of kWeightRows weight rows x m input rows of accumulators, the input rows
+// (widened to fp32 once) from L1. Threads take contiguous ranges of weight rows. fp32
+// accumulation; bf16/fp16 weights are widened in registers and each output rounded once.
+constexpr int64_t kSkinnyRows = 4;
+
+// Weight rows per register block: M x kWeightRows fp32 accumulators and the kWeightRows weight
+// vectors fit AVX-512's 32 vector registers, AVX2's 16 at half the rows. More rows are more
+// memory streams in flight: a single row's logits ran at 41 GB/s with 4 (bf16) and 54 with 8.
+#if defined(CPU_CAPABILITY_AVX512)
+template <int M>
+constexpr int kWeightRows = M <= 2 ? 8 : 4;
+#else
+template <int M>
+constexpr int kWeightRows = M <= 2 ? 4 : 2;
+#endif
+
+// Vectorized<float>::size() weights from p, as fp32.
+template <typename T>
+inline Vectorized<float> load_weights(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vectorized<float>::loadu(p);
+  } else {
+    Vectorized<float> out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+// out[r][j0 + w] = x_r · W_{j0 + w} (+ bias) for the M rows x (fp32, ldx apart) and WR weight
+// rows from j0.
+template <int M, int WR, typename T>
+inline void skinny_block(const float* x, int64_t ldx, const T* W, int64_t ldw, int64_t k,
+                         int64_t j0, const T* bias, T* out, int64_t ldo) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t L = Vec::size();
+  const int64_t kv = k / L * L;
+  const T* w0 = W + j0 * ldw;
+  Vec acc[M][WR];
+  for (int r = 0; r < M; ++r)
+    for (int w = 0; w < WR; ++w) acc[r][w] = Vec(0.f);
+  int64_t d = 0;
+  if constexpr (!std::is_same_v<T, float>) {
+    // Two vectors of fp32 from one full-width load of bf16/fp16 weights.
+    for (; d + 2 * L <= kv; d += 2 * L) {
+      Vec lo[WR], hi[WR];
+      for (int w = 0; w < WR; ++w) at::vec::load_to_float(w0 + w * ldw + d, lo[w], hi[w]);
+      for (int r = 0; r < M; ++r) {
+        const Vec x0 = Vec::loadu(x + r * ldx + d), x1 = Vec::loadu(x + r * ldx + d + L);
+        for (int w = 0; w < WR; ++w)
+          acc[r][w] = at::vec::fmadd(x1, hi[w], at::vec::fmadd(x0, lo[w], acc[r][w]));
+      }
+    }
+  }
+  for (; d < kv; d += L) {
+    Vec wv[WR];
+    for (int w = 0; w < WR; ++w) wv[w] = load_weights(w0 + w * ldw + d);
+    for (int r = 0; r < M; ++r) {
+      const Vec xv = Vec::loadu(x + r * ldx + d);
+      for (int w = 0; w < WR; ++w) acc[r][w] = at::vec::fmadd(xv, wv[w], acc[r][w]);
+    }
+  }
+  for (int r = 0; r < M; ++r) {
+    for (int w = 0; w < WR; ++w) {
+      float s = hsum(acc[r][w]);
+      for (int64_t d = kv; d < k; ++d) s += x[r * ldx + d] * static_cast<float>(w0[w * ldw + d]);
+      if (bias != nullptr) s += static_cast<float>(bias[j0 + w]);
+      out[r * ldo + j0 + w] = static_cast<T>(s);
+    }
+  }
+}
+
+template <int M, typename T>
+void skinny_rows(const float* x, int64_t ldx, const T* W, int64_t ldw, int64_t n, int64_t k,
+                 const T* bias, T* out, int64_t ldo) {
+  constexpr int WR = kWeightRows<M>;
+  const int64_t blocks = n / WR;
+  // Tasks of at least ~kGrainSize weights.
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, WR * k));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      skinny_block<M, WR>(x, ldx, W, ldw, k, b * WR, bias, out, ldo);
+  });
+  for (int64_t j = blocks * WR; j < n; ++j)
+    skinny_block<M, 1>(x, ldx, W, ldw, k, j, bias, out, ldo);
+}
+
+// Whether matmul(a, b) is a few rows times the transpose of a row-major weight, which
+// skinny_matmul takes: the layout F.linear hands over (b = weight.t()). Under FASTGPT_CPU_GEMM
+// "auto" only: "aten" means ATen's own products, and "onednn" every product on oneDNN.
+bool is_skinny(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  return m >= 1 && m <= kSkinnyRows && k > 0 && n > 0 && a.scalar_type() != at::kDouble &&
+         b.stride(0) == 1 && b.stride(1) >= k &&
+         gemm::choice().load(std::memory_order_relaxed) == gemm::kAuto;
+}
+
+template <typename T>
+void skinny_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
+                   at::Tensor& out) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  // The input rows as fp32, contiguous: a few KB, read m x n / WR times from L1.
+  const at::Tensor x = a.to(at::kFloat).contiguous();
+  const float* xp = x.const_data_ptr<float>();
+  const T* wp = b.const_data_ptr<T>();
+  const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+  T* op = out.data_ptr<T>();
+  const int64_t ldw = b.stride(1);
+  switch (m) {
+    case 1: skinny_rows<1>(xp, k, wp, ldw, n, k, bp, op, n); break;
+    case 2: skinny_rows<2>(xp, k, wp, ldw, n, k, bp, op, n); break;
+    case 3: skinny_rows<3>(xp, k, wp, ldw, n, k, bp, op, n); break;
+    default: skinny_rows<4>(xp, k, wp, ldw, n, k, bp, op, n); break;
+  }
+}
+
 at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias) {
   constexpr const char* op = "fastgpt::matmul";
   check_cpu_float(a, op, "a", /*contiguous=*/false);
@@ -30,6 +155,18 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, const c10::optional<
                 b.size(1), "), got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == a.scalar_type(), op, ": bias has dtype ",
                 bias->scalar_type(), " but a has dtype ", a.scalar_type());
+  }
+  if (is_skinny(a, b)) {
+    const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+    switch (a.scalar_type()) {
+      case at::kFloat: skinny_matmul<float>(a, b, bias_c, out); break;
+      case at::kBFloat16: skinny_matmul<c10::BFloat16>(a, b, bias_c, out); break;
+      case at::kHalf: skinny_matmul<c10::Half>(a, b, bias_c, out); break;
+      default: TORCH_INTERNAL_ASSERT(false, "is_skinny admits fp32, bf16 and fp16 only");
+    }
+    return out;
+  }
+  if (bias.has_value()) {
     gemm::addmm_out(out, *bias, a, b);
   } else {
     gemm::mm_out(out, a, b, /*accumulate=*/false);

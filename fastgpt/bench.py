@@ -47,6 +47,7 @@ FULL = [
         ("linear", shape, BOTH, ["fwd", "fwd+bwd"])
         for shape in ((2048, 768, 2304), (2048, 768, 3072), (2048, 3072, 768))
     ],
+    ("linear", (1, 768, 50257), BOTH, ["fwd"]),
     *[
         (op, shape, BOTH, ["fwd", "fwd+bwd"])
         for op in ("layer_norm", "add_layer_norm")

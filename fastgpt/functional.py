@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from fastgpt import _backend, reference
+from fastgpt.ops._linear import FEW_ROWS
 from fastgpt.ops.attention import AttentionFunction
 from fastgpt.ops.cross_entropy import REDUCTIONS, CrossEntropyFunction
 from fastgpt.ops.gelu import GeluFunction, GeluLinearFunction
@@ -41,20 +42,30 @@ def _normalized_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
 # ---- linear (kernel path: fastgpt/ops/linear.py) ----------------------------------------------
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``torch.nn.functional.linear``: input (..., K) · weight (N, K)ᵀ + bias (N,).
 
-    fp32 on the CPU backend runs ``fastgpt::matmul``, whose kernel sends the product to oneDNN
-    where MKL (ATen's default) would run slower kernels (csrc/gemm.h); gradients are autograd's
-    formulas on the same op. Everything else is torch's own ``F.linear``, with its values and
-    errors: other dtypes and devices have no faster product to offer (torch already runs bf16 on
-    oneDNN, CUDA on cuBLAS), and other forms (a 1-D weight, a broadcast bias, mixed dtypes) are
-    torch's to handle.
+    On the CPU backend ``fastgpt::matmul`` runs fp32 products, which its kernel sends to oneDNN
+    where MKL (ATen's default) would run slower kernels (csrc/gemm.h), and products of up to
+    ``FEW_ROWS`` input rows (a decode step) in every dtype, which it computes itself, bound by
+    reading the weight once (csrc/linear.cpp); gradients are autograd's formulas on the same op.
+    Everything else is torch's own ``F.linear``, with its values and errors: other dtypes and
+    devices have no faster product to offer (torch already runs bf16 on oneDNN, CUDA on cuBLAS),
+    and other forms (a 1-D weight, a broadcast bias, mixed dtypes) are torch's to handle.
     """
     backend = _backend.backend_for(input)
-    if backend != "reference" and (backend != "cpu" or input.dtype != torch.float32):
+    if backend != "reference" and not (
+        backend == "cpu"
+        and (
+            input.dtype == torch.float32
+            or (input.dtype in _HALF_DTYPES and math.prod(input.shape[:-1]) <= FEW_ROWS)
+        )
+    ):
         return torch.nn.functional.linear(input, weight, bias)
     why = _backend.unsupported(backend, (weight, bias), input)
     if not why and not (

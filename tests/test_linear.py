@@ -177,8 +177,8 @@ def test_forms_the_kernel_does_not_take_run_torch():
 @pytest.mark.parametrize("gemm", GEMMS)
 def test_matmul_operand_layouts_and_dtypes(gemm, dtype):
     """Row-major and transposed operands (read in place) and strided ones (copied) give the
-    product of their values, in every dtype the op takes (F.linear itself only sends fp32 here;
-    the fused linears send every dtype)."""
+    product of their values, in every dtype the op takes (F.linear sends fp32 and products of
+    up to FEW_ROWS rows here; the fused linears send every dtype)."""
     a_rm, b_rm = make((65, 130), dtype, 0, False), make((130, 47), dtype, 1, False)
     layouts = {
         "row-major": (a_rm, b_rm),
@@ -208,6 +208,31 @@ def test_few_row_products_with_a_bias(rows):
                 bias = make((768,), torch.float32, 2, False)
                 got = torch.ops.fastgpt.matmul(a, w.t(), bias)
                 assert_close(got, a @ w.t() + bias, torch.float32, reduction_scale(k))
+
+
+@pytest.mark.parametrize("isa", _cpu.supported_isas())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_few_rows_times_a_weight(isa, dtype):
+    """1-4 rows times a weight's transpose (a decode step's F.linear and fused linears) run the
+    op's own loop under "auto" (csrc/linear.cpp): every row count and the first that is not (5),
+    weight-row blocks and their tail (n 1, 7, 258), the vector-width tail of k (1, 17, 773), a
+    weight read in place with a leading dim past k, with and without a bias, on every ISA build,
+    against float64 products of the same values."""
+    with fastgpt.use_backend("cpu"), _cpu.use_isa(isa), _cpu.use_gemm("auto"):
+        for m in (1, 2, 3, 4, 5):
+            for k in (1, 17, 773):
+                for n in (1, 7, 258):
+                    a = make((m, k), dtype, m + k, False)
+                    wide = make((n, k + 3), dtype, n, False)
+                    bias = make((n,), dtype, 2, False)
+                    for w in (wide[:, :k].contiguous(), wide[:, :k]):
+                        for b in (None, bias):
+                            got = torch.ops.fastgpt.matmul(a, w.t(), b)
+                            want = a.double() @ w.double().t()
+                            want = want if b is None else want + b.double()
+                            assert got.dtype == dtype and got.shape == (m, n)
+                            assert got.is_contiguous()
+                            assert_close(got, want.to(dtype), dtype, reduction_scale(k))
 
 
 @pytest.mark.parametrize("isa", _cpu.supported_isas())

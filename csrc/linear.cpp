@@ -10,6 +10,8 @@
 #include "gemm.h"
 #include "output_memory.h"
 
+#include <type_traits>
+
 namespace fastgpt {
 namespace {
 
@@ -109,32 +111,106 @@ void skinny_rows(const float* x, int64_t ldx, const T* W, int64_t ldw, int64_t n
     skinny_block<M, 1>(x, ldx, W, ldw, k, j, bias, out, ldo);
 }
 
-// Whether matmul(a, b) is a few rows times the transpose of a row-major weight, which
-// skinny_matmul takes: the layout F.linear hands over (b = weight.t()). Under FASTGPT_CPU_GEMM
-// "auto" only: "aten" means ATen's own products, and "onednn" every product on oneDNN.
-bool is_skinny(const at::Tensor& a, const at::Tensor& b) {
+// The same product for a weight stored (in, out): b (k x n) row-major, as transformers' Conv1D
+// (GPT-2's projections) keeps it. Each task owns a range of output columns; that range of the m
+// output rows is summed in an fp32 scratch (L1) while the k rows of b go by kWeightRows at a time,
+// each row's piece read front to back.
+constexpr int64_t kColChunk = 512;
+
+// acc[r][0, w) += Σ_{q < Q} x_r[d + q] · B[d + q][0, w) for the M rows, from one group of Q rows of
+// B (Bd: row d of B at the chunk's first column).
+template <int M, int Q, typename T>
+inline void add_rows(const float* x, int64_t ldx, int64_t d, const T* Bd, int64_t ldb, int64_t w,
+                     float* acc) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t L = Vec::size();
+  const int64_t wv = w / L * L;
+  Vec xb[M][Q];
+  for (int r = 0; r < M; ++r)
+    for (int q = 0; q < Q; ++q) xb[r][q] = Vec(x[r * ldx + d + q]);
+  for (int64_t v = 0; v < wv; v += L) {
+    Vec bq[Q];
+    for (int q = 0; q < Q; ++q) bq[q] = load_weights(Bd + q * ldb + v);
+    for (int r = 0; r < M; ++r) {
+      Vec o = Vec::loadu(acc + r * kColChunk + v);
+      for (int q = 0; q < Q; ++q) o = at::vec::fmadd(xb[r][q], bq[q], o);
+      o.store(acc + r * kColChunk + v);
+    }
+  }
+  for (int64_t v = wv; v < w; ++v) {
+    for (int r = 0; r < M; ++r) {
+      float o = acc[r * kColChunk + v];
+      for (int q = 0; q < Q; ++q) o += x[r * ldx + d + q] * static_cast<float>(Bd[q * ldb + v]);
+      acc[r * kColChunk + v] = o;
+    }
+  }
+}
+
+template <int M, typename T>
+void skinny_rows_in_out(const float* x, int64_t ldx, const T* B, int64_t ldb, int64_t n,
+                        int64_t k, const T* bias, T* out, int64_t ldo) {
+  constexpr int Q = kWeightRows<M>;
+  constexpr int64_t L = Vectorized<float>::size();
+  // Column pieces of whole vectors, about four tasks a thread, at most kColChunk wide.
+  const int64_t tasks = 4 * at::get_num_threads();
+  const int64_t width = std::clamp<int64_t>((n + tasks * L - 1) / (tasks * L) * L, L, kColChunk);
+  const int64_t pieces = (n + width - 1) / width;
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[M * kColChunk];
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c0 = p * width, w = std::min(width, n - c0);
+      for (int r = 0; r < M; ++r) std::fill(acc + r * kColChunk, acc + r * kColChunk + w, 0.f);
+      int64_t d = 0;
+      for (; d + Q <= k; d += Q) add_rows<M, Q>(x, ldx, d, B + d * ldb + c0, ldb, w, acc);
+      for (; d < k; ++d) add_rows<M, 1>(x, ldx, d, B + d * ldb + c0, ldb, w, acc);
+      for (int r = 0; r < M; ++r)
+        for (int64_t v = 0; v < w; ++v) {
+          const float b = bias != nullptr ? static_cast<float>(bias[c0 + v]) : 0.f;
+          out[r * ldo + c0 + v] = static_cast<T>(acc[r * kColChunk + v] + b);
+        }
+    }
+  });
+}
+
+// Which of the two few-row layouts matmul(a, b) is, if either: b = weight.t() of a row-major
+// (n x k) weight (F.linear), or b itself row-major (k x n) (a weight stored (in, out)). Under
+// FASTGPT_CPU_GEMM "auto" only: "aten" means ATen's own products, and "onednn" every product on
+// oneDNN.
+enum class Skinny { kNone, kWeightT, kInOut };
+
+Skinny skinny_layout(const at::Tensor& a, const at::Tensor& b) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  return m >= 1 && m <= kSkinnyRows && k > 0 && n > 0 && a.scalar_type() != at::kDouble &&
-         b.stride(0) == 1 && b.stride(1) >= k &&
-         gemm::choice().load(std::memory_order_relaxed) == gemm::kAuto;
+  if (m < 1 || m > kSkinnyRows || k == 0 || n == 0 || a.scalar_type() == at::kDouble ||
+      gemm::choice().load(std::memory_order_relaxed) != gemm::kAuto)
+    return Skinny::kNone;
+  if (b.stride(0) == 1 && b.stride(1) >= k) return Skinny::kWeightT;
+  if (b.stride(1) == 1 && b.stride(0) >= n) return Skinny::kInOut;
+  return Skinny::kNone;
 }
 
 template <typename T>
-void skinny_matmul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias,
-                   at::Tensor& out) {
+void skinny_matmul(Skinny layout, const at::Tensor& a, const at::Tensor& b,
+                   const at::Tensor& bias, at::Tensor& out) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  // The input rows as fp32, contiguous: a few KB, read m x n / WR times from L1.
+  // The input rows as fp32, contiguous: a few KB, read from L1.
   const at::Tensor x = a.to(at::kFloat).contiguous();
   const float* xp = x.const_data_ptr<float>();
   const T* wp = b.const_data_ptr<T>();
   const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* op = out.data_ptr<T>();
-  const int64_t ldw = b.stride(1);
+  auto run = [&](auto rows) {
+    constexpr int M = decltype(rows)::value;
+    if (layout == Skinny::kWeightT) {
+      skinny_rows<M>(xp, k, wp, b.stride(1), n, k, bp, op, n);
+    } else {
+      skinny_rows_in_out<M>(xp, k, wp, b.stride(0), n, k, bp, op, n);
+    }
+  };
   switch (m) {
-    case 1: skinny_rows<1>(xp, k, wp, ldw, n, k, bp, op, n); break;
-    case 2: skinny_rows<2>(xp, k, wp, ldw, n, k, bp, op, n); break;
-    case 3: skinny_rows<3>(xp, k, wp, ldw, n, k, bp, op, n); break;
-    default: skinny_rows<4>(xp, k, wp, ldw, n, k, bp, op, n); break;
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    default: run(std::integral_constant<int, 4>{}); break;
   }
 }
 
@@ -156,13 +232,14 @@ at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, const c10::optional<
     TORCH_CHECK(bias->scalar_type() == a.scalar_type(), op, ": bias has dtype ",
                 bias->scalar_type(), " but a has dtype ", a.scalar_type());
   }
-  if (is_skinny(a, b)) {
+  const Skinny layout = skinny_layout(a, b);
+  if (layout != Skinny::kNone) {
     const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
     switch (a.scalar_type()) {
-      case at::kFloat: skinny_matmul<float>(a, b, bias_c, out); break;
-      case at::kBFloat16: skinny_matmul<c10::BFloat16>(a, b, bias_c, out); break;
-      case at::kHalf: skinny_matmul<c10::Half>(a, b, bias_c, out); break;
-      default: TORCH_INTERNAL_ASSERT(false, "is_skinny admits fp32, bf16 and fp16 only");
+      case at::kFloat: skinny_matmul<float>(layout, a, b, bias_c, out); break;
+      case at::kBFloat16: skinny_matmul<c10::BFloat16>(layout, a, b, bias_c, out); break;
+      case at::kHalf: skinny_matmul<c10::Half>(layout, a, b, bias_c, out); break;
+      default: TORCH_INTERNAL_ASSERT(false, "skinny_layout admits fp32, bf16 and fp16 only");
     }
     return out;
   }

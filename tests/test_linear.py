@@ -213,22 +213,24 @@ def test_few_row_products_with_a_bias(rows):
 @pytest.mark.parametrize("isa", _cpu.supported_isas())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_few_rows_times_a_weight(isa, dtype):
-    """1-4 rows times a weight's transpose (a decode step's F.linear and fused linears) run the
-    op's own loop under "auto" (csrc/linear.cpp): every row count and the first that is not (5),
-    weight-row blocks and their tail (n 1, 7, 258), the vector-width tail of k (1, 17, 773), a
-    weight read in place with a leading dim past k, with and without a bias, on every ISA build,
-    against float64 products of the same values."""
+    """1-4 rows times a weight (a decode step's F.linear, fused linears and transformers' Conv1D)
+    run the op's own loops under "auto" (csrc/linear.cpp), for a weight stored (out, in) (b is
+    its transpose) and one stored (in, out) (b is it): every row count and the first that is not
+    (5), weight-row blocks and their tails, column pieces and their tails (n 1, 7, 258, 1100),
+    the vector-width tail of k (1, 17, 773), weights read in place with a leading dim past their
+    row, with and without a bias, on every ISA build, against float64 products."""
     with fastgpt.use_backend("cpu"), _cpu.use_isa(isa), _cpu.use_gemm("auto"):
         for m in (1, 2, 3, 4, 5):
             for k in (1, 17, 773):
-                for n in (1, 7, 258):
+                for n in (1, 7, 258, 1100):
                     a = make((m, k), dtype, m + k, False)
-                    wide = make((n, k + 3), dtype, n, False)
+                    out_in = make((n, k + 3), dtype, n, False)[:, :k]
+                    in_out = make((k, n + 5), dtype, k, False)[:, :n]
                     bias = make((n,), dtype, 2, False)
-                    for w in (wide[:, :k].contiguous(), wide[:, :k]):
+                    for b_mat in (out_in.t(), out_in.contiguous().t(), in_out, in_out.contiguous()):
                         for b in (None, bias):
-                            got = torch.ops.fastgpt.matmul(a, w.t(), b)
-                            want = a.double() @ w.double().t()
+                            got = torch.ops.fastgpt.matmul(a, b_mat, b)
+                            want = a.double() @ b_mat.double()
                             want = want if b is None else want + b.double()
                             assert got.dtype == dtype and got.shape == (m, n)
                             assert got.is_contiguous()

@@ -1,5 +1,6 @@
 // The matrix product of a linear layer: out = a · b [+ bias], through csrc/gemm.h, which sends
-// fp32 products to oneDNN where MKL would run slower kernels (see there).
+// fp32 products to oneDNN where MKL would run slower kernels (see there), except the products of
+// 1-4 rows (a decode step), which the loops below compute themselves (see "a few rows").
 //
 // a (m, k), b (k, n), bias (n,) or none, one floating dtype, CPU. a and b may be any 2-D views:
 // a row-major tensor or the transpose of one is read in place (linear's forward reads weightᵀ,

@@ -245,18 +245,6 @@ inline void scale_row(acc* row, int64_t n, acc s) {
   for (; j < n; ++j) row[j] *= s;
 }
 
-// Vectorized<acc>::size() consecutive values as acc (bf16/fp16 widened in registers).
-template <typename acc, typename T>
-inline Vectorized<acc> load_as(const T* p) {
-  if constexpr (std::is_same_v<acc, T>) {
-    return Vectorized<acc>::loadu(p);
-  } else {
-    Vectorized<float> out;
-    at::vec::load_to_float(p, out);
-    return out;
-  }
-}
-
 // a·b over n values; b in acc or, for the decode path's K rows, in the storage dtype.
 template <typename acc, typename T>
 inline acc dot(const acc* a, const T* b, int64_t n) {

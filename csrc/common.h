@@ -64,6 +64,18 @@ inline T hsum(const at::vec::Vectorized<T>& v) {
   return at::vec::vec_reduce_all<T>([](auto& a, auto& b) { return a + b; }, v);
 }
 
+// Vectorized<acc>::size() consecutive values as acc (bf16/fp16 widened to fp32 in registers).
+template <typename acc, typename T>
+inline at::vec::Vectorized<acc> load_as(const T* p) {
+  if constexpr (std::is_same_v<acc, T>) {
+    return at::vec::Vectorized<acc>::loadu(p);
+  } else {
+    at::vec::Vectorized<float> out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
 // ATen's grain: a parallel task should touch at least ~32K elements to be worth a thread.
 constexpr int64_t kGrainSize = 32768;
 

@@ -42,18 +42,6 @@ template <int M>
 constexpr int kWeightRows = M <= 2 ? 4 : 2;
 #endif
 
-// Vectorized<float>::size() weights from p, as fp32.
-template <typename T>
-inline Vectorized<float> load_weights(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vectorized<float>::loadu(p);
-  } else {
-    Vectorized<float> out;
-    at::vec::load_to_float(p, out);
-    return out;
-  }
-}
-
 // out[r][j0 + w] = x_r · W_{j0 + w} (+ bias) for the M rows x (fp32, ldx apart) and WR weight
 // rows from j0.
 template <int M, int WR, typename T>
@@ -81,7 +69,7 @@ inline void skinny_block(const float* x, int64_t ldx, const T* W, int64_t ldw, i
   }
   for (; d < kv; d += L) {
     Vec wv[WR];
-    for (int w = 0; w < WR; ++w) wv[w] = load_weights(w0 + w * ldw + d);
+    for (int w = 0; w < WR; ++w) wv[w] = load_as<float>(w0 + w * ldw + d);
     for (int r = 0; r < M; ++r) {
       const Vec xv = Vec::loadu(x + r * ldx + d);
       for (int w = 0; w < WR; ++w) acc[r][w] = at::vec::fmadd(xv, wv[w], acc[r][w]);
@@ -131,7 +119,7 @@ inline void add_rows(const float* x, int64_t ldx, int64_t d, const T* Bd, int64_
     for (int q = 0; q < Q; ++q) xb[r][q] = Vec(x[r * ldx + d + q]);
   for (int64_t v = 0; v < wv; v += L) {
     Vec bq[Q];
-    for (int q = 0; q < Q; ++q) bq[q] = load_weights(Bd + q * ldb + v);
+    for (int q = 0; q < Q; ++q) bq[q] = load_as<float>(Bd + q * ldb + v);
     for (int r = 0; r < M; ++r) {
       Vec o = Vec::loadu(acc + r * kColChunk + v);
       for (int q = 0; q < Q; ++q) o = at::vec::fmadd(xb[r][q], bq[q], o);

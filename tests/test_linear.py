@@ -210,7 +210,7 @@ def test_few_row_products_with_a_bias(rows):
                 assert_close(got, a @ w.t() + bias, torch.float32, reduction_scale(k))
 
 
-@pytest.mark.parametrize("isa", _cpu.supported_isas())
+@pytest.mark.parametrize("isa", _cpu.supported_isas(), ids=lambda isa: f"cpu-{isa}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_few_rows_times_a_weight(isa, dtype):
     """1-4 rows times a weight (a decode step's F.linear, fused linears and transformers' Conv1D)

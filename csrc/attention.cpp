@@ -438,23 +438,11 @@ constexpr int64_t kDecodeChunk = 256;
 // AVX-512 at RB = 4 and the 16 of AVX2 at RB = 2. Row by row, a few query rows re-read the chunk
 // from L2 for every row and ran 0.67x torch's masked attention at 4 rows x 1024 keys.
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kRowBlock = 4;
+constexpr int kRowBlock = 4;
 #else
-constexpr int64_t kRowBlock = 2;
+constexpr int kRowBlock = 2;
 #endif
 constexpr int kTileVecs = 4;
-
-// f(std::integral_constant<int, rb>{}) for 1 <= rb <= kRowBlock: the row count of a register
-// block as a compile-time constant.
-template <typename F>
-inline void with_row_block(int64_t rb, F&& f) {
-  if constexpr (kRowBlock >= 4) {
-    if (rb == 4) return f(std::integral_constant<int, 4>{});
-    if (rb == 3) return f(std::integral_constant<int, 3>{});
-  }
-  if (rb == 2) return f(std::integral_constant<int, 2>{});
-  f(std::integral_constant<int, 1>{});
-}
 
 // S_r[j] = q_r·K_j (S rows lds apart) for RB query rows Q (RB x D) and the n keys of a chunk, four
 // keys at a time: four K vectors are loaded once for the RB rows, and each row's four FMA chains
@@ -585,7 +573,7 @@ void decode_range(const acc* Q, int64_t R, const int64_t* visible, const kv_t* K
     const kv_t* Kc = K + c0 * D;
     const kv_t* Vc = V + c0 * D;
     for (int64_t r = first; r < R; r += kRowBlock) {
-      with_row_block(std::min(kRowBlock, R - r), [&](auto rb) {
+      with_count<kRowBlock>(std::min<int64_t>(kRowBlock, R - r), [&](auto rb) {
         block_scores<decltype(rb)::value>(Q + r * D, Kc, Vc, nmax, D, r == first, S + r * lds,
                                           lds);
       });
@@ -602,7 +590,7 @@ void decode_range(const acc* Q, int64_t R, const int64_t* visible, const kv_t* K
       std::fill(s + n[r], s + nmax, acc(0));  // keys past this row's causal limit
     }
     for (int64_t r = first; r < R; r += kRowBlock) {
-      with_row_block(std::min(kRowBlock, R - r), [&](auto rb) {
+      with_count<kRowBlock>(std::min<int64_t>(kRowBlock, R - r), [&](auto rb) {
         block_pv<decltype(rb)::value>(S + r * lds, lds, Vc, nmax, D, O + r * D);
       });
     }

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace fastgpt {
@@ -73,6 +74,19 @@ inline at::vec::Vectorized<acc> load_as(const T* p) {
     at::vec::Vectorized<float> out;
     at::vec::load_to_float(p, out);
     return out;
+  }
+}
+
+// f(std::integral_constant<int, n>{}) for 1 <= n <= Max: a small run-time count (the rows of a
+// register block) as a compile-time constant, so that the loops over it unroll and their
+// accumulators stay in registers.
+template <int Max, typename F>
+inline void with_count(int64_t n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n == Max) return f(std::integral_constant<int, Max>{});
+    with_count<Max - 1>(n, std::forward<F>(f));
+  } else {
+    f(std::integral_constant<int, 1>{});
   }
 }
 

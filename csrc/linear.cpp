@@ -29,7 +29,7 @@ using at::vec::Vectorized;
 // a register block of kWeightRows weight rows x m input rows of accumulators, the input rows
 // (widened to fp32 once) from L1. Threads take contiguous ranges of weight rows. fp32
 // accumulation; bf16/fp16 weights are widened in registers and each output rounded once.
-constexpr int64_t kSkinnyRows = 4;
+constexpr int kSkinnyRows = 4;
 
 // Weight rows per register block: M x kWeightRows fp32 accumulators and the kWeightRows weight
 // vectors fit AVX-512's 32 vector registers, AVX2's 16 at half the rows. More rows are more
@@ -187,20 +187,14 @@ void skinny_matmul(Skinny layout, const at::Tensor& a, const at::Tensor& b,
   const T* wp = b.const_data_ptr<T>();
   const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
   T* op = out.data_ptr<T>();
-  auto run = [&](auto rows) {
+  with_count<kSkinnyRows>(m, [&](auto rows) {
     constexpr int M = decltype(rows)::value;
     if (layout == Skinny::kWeightT) {
       skinny_rows<M>(xp, k, wp, b.stride(1), n, k, bp, op, n);
     } else {
       skinny_rows_in_out<M>(xp, k, wp, b.stride(0), n, k, bp, op, n);
     }
-  };
-  switch (m) {
-    case 1: run(std::integral_constant<int, 1>{}); break;
-    case 2: run(std::integral_constant<int, 2>{}); break;
-    case 3: run(std::integral_constant<int, 3>{}); break;
-    default: run(std::integral_constant<int, 4>{}); break;
-  }
+  });
 }
 
 at::Tensor matmul(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias) {

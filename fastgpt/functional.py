@@ -400,13 +400,12 @@ def scaled_dot_product_attention(
                 query = query.reshape(*lead, h_q // group, group * t_q, d)
                 is_causal = False  # a single query (t_q == 1) sees every key either way
             else:
-                out = None
                 if in_place and _backend.backend_for(query) == "cpu":
                     out = _attention_per_group_member(
                         query, key, value, group, dropout_p, is_causal, scale
                     )
-                if out is not None:
-                    return out
+                    if out is not None:
+                        return out
                 key = key.repeat_interleave(group, dim=-3)
                 value = value.repeat_interleave(group, dim=-3)
     out = _attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
